@@ -1,0 +1,506 @@
+//! `/v1/keys/{key}` and `/v1/keys`: the read path (with the cache, see `cache.rs`), the
+//! write path (store transaction, then cache update), listing with opaque cursors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use warp::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use warp::path::Tail;
+use warp::reply::Response;
+
+use super::{auth, finish, json_response, route, Req, State};
+use crate::cache::{CachedEntry, Source};
+use crate::error::ApiError;
+use crate::store::{Precondition, WriteOutcome};
+use crate::time;
+
+pub const MAX_KEY_BYTES: usize = 512;
+pub const TTL_MAX_SECONDS: u64 = 31_536_000;
+pub const LIST_DEFAULT_LIMIT: usize = 100;
+pub const LIST_MAX_LIMIT: usize = 1000;
+/// Oversized bodies are read and discarded (never buffered) up to this much, so that a
+/// client still sending gets the 413 instead of a connection reset.
+const DRAIN_MAX_BYTES: usize = 32 * 1024 * 1024;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+const ALLOW_KEY: &str = "GET, HEAD, PUT, DELETE";
+const ALLOW_KEYS: &str = "GET, HEAD, POST";
+
+/// Characters escaped in a key's path segment (`/` stays: keys may contain it).
+const KEY_PATH: &AsciiSet =
+    &NON_ALPHANUMERIC.remove(b'/').remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// `/v1/keys/{key}`: GET, HEAD, PUT, DELETE.
+pub async fn item<S, B>(tail: Tail, req: Req, body: S, state: Arc<State>) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let r = async {
+        let key = key_from_path(tail.as_str())?;
+        match req.method {
+            Method::GET | Method::HEAD => get(&state, &req, &key).await,
+            Method::PUT => {
+                auth::check_write(&state.config, &req)?;
+                req.query_params(&[])?;
+                let raw = read_body(body, &req.headers, &state).await?;
+                let parsed: PutBody = parse_json(&raw)?;
+                write(&state, &req, key, parsed.value, parsed.ttl_seconds).await
+            }
+            Method::DELETE => delete(&state, &req, &key).await,
+            _ => Err(not_allowed(&req, ALLOW_KEY)),
+        }
+    }
+    .await;
+    finish(&state, &req, route::KEY, r)
+}
+
+/// `/v1/keys`: GET/HEAD list, POST upsert.
+pub async fn collection<S, B>(req: Req, body: S, state: Arc<State>) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let r = async {
+        match req.method {
+            Method::GET | Method::HEAD => list(&state, &req).await,
+            Method::POST => {
+                auth::check_write(&state.config, &req)?;
+                req.query_params(&[])?;
+                let raw = read_body(body, &req.headers, &state).await?;
+                let parsed: PostBody = parse_json(&raw)?;
+                validate_key(&parsed.key)?;
+                write(&state, &req, parsed.key, parsed.value, parsed.ttl_seconds).await
+            }
+            _ => Err(not_allowed(&req, ALLOW_KEYS)),
+        }
+    }
+    .await;
+    finish(&state, &req, route::KEYS, r)
+}
+
+fn not_allowed(req: &Req, allow: &'static str) -> ApiError {
+    ApiError::MethodNotAllowed { method: req.method.to_string(), allow }
+}
+
+async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> {
+    auth::check_read(&state.config, req)?;
+    req.query_params(&[])?;
+    let bypass = req
+        .headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .chain(req.headers.get_all(header::PRAGMA).iter())
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-cache")));
+    let (item, source) = state.cache.get(key, bypass, &state.store).await?;
+    let mut status = source.header().to_owned();
+    if source == Source::Hit && !state.health.db_up.load(std::sync::atomic::Ordering::Relaxed) {
+        status.push_str("; detail=db-unreachable");
+    }
+    let cache_status = HeaderValue::from_str(&status).expect("ASCII");
+    let item = item.filter(|i| !i.is_expired(time::now_micros()));
+    let Some(item) = item else {
+        let mut resp = ApiError::NotFound(format!("no key {key:?}")).into_response(&req.id);
+        resp.headers_mut().insert(CACHE_STATUS.clone(), cache_status);
+        return Ok(resp);
+    };
+    let not_modified = req
+        .header(header::IF_NONE_MATCH)
+        .is_some_and(|v| etag_list(v).iter().any(|t| t == "*" || t.as_bytes() == item.etag.as_bytes()));
+    let mut resp = if not_modified {
+        let mut r = Response::new(Bytes::new().into());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        json_response(StatusCode::OK, item.body.clone())
+    };
+    entry_headers(resp.headers_mut(), &item);
+    resp.headers_mut().insert(CACHE_STATUS.clone(), cache_status);
+    Ok(resp)
+}
+
+fn entry_headers(h: &mut HeaderMap, item: &CachedEntry) {
+    h.insert(header::ETAG, item.etag.clone());
+    h.insert(header::LAST_MODIFIED, item.last_modified.clone());
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+}
+
+async fn write(
+    state: &State,
+    req: &Req,
+    key: String,
+    value: &RawValue,
+    ttl_seconds: Option<u64>,
+) -> Result<Response, ApiError> {
+    let value = compact_json(value.get());
+    if value.len() > state.config.max_value_bytes {
+        return Err(ApiError::ValueTooLarge(format!(
+            "the value is {} bytes of JSON; the limit is {} bytes",
+            value.len(),
+            state.config.max_value_bytes
+        )));
+    }
+    let ttl = match ttl_seconds {
+        None => None,
+        Some(t @ 1..=TTL_MAX_SECONDS) => Some(t as u32),
+        Some(t) => {
+            return Err(ApiError::InvalidJson(format!(
+                "ttl_seconds must be between 1 and {TTL_MAX_SECONDS}, got {t}"
+            )))
+        }
+    };
+    let pre = precondition(req)?;
+    let outcome = state.store.upsert(&key, &value, ttl, &pre).await?;
+    let (status, entry) = match outcome {
+        WriteOutcome::Created(e) => (StatusCode::CREATED, e),
+        WriteOutcome::Replaced(e) => (StatusCode::OK, e),
+        WriteOutcome::PreconditionFailed => return Err(precondition_failed(&key)),
+        WriteOutcome::Deleted { .. } | WriteOutcome::NotFound => {
+            return Err(ApiError::Internal("upsert returned a delete outcome".into()))
+        }
+    };
+    let item = Arc::new(CachedEntry::new(&entry));
+    state.cache.put_written(&key, Some(item.clone()), entry.rev).await;
+    state.metrics.writes.with_label_values(&["upsert"]).inc();
+    let mut resp = json_response(status, item.body.clone());
+    entry_headers(resp.headers_mut(), &item);
+    if status == StatusCode::CREATED {
+        let location = format!("/v1/keys/{}", utf8_percent_encode(&key, KEY_PATH));
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+    }
+    Ok(resp)
+}
+
+async fn delete(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> {
+    auth::check_write(&state.config, req)?;
+    req.query_params(&[])?;
+    let pre = precondition(req)?;
+    match state.store.delete(key, &pre).await? {
+        WriteOutcome::Deleted { rev } => {
+            state.cache.put_written(key, None, rev).await;
+            state.metrics.writes.with_label_values(&["delete"]).inc();
+            let mut r = Response::new(Bytes::new().into());
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            Ok(r)
+        }
+        WriteOutcome::NotFound => Err(ApiError::NotFound(format!("no key {key:?}"))),
+        WriteOutcome::PreconditionFailed => Err(precondition_failed(key)),
+        WriteOutcome::Created(_) | WriteOutcome::Replaced(_) => {
+            Err(ApiError::Internal("delete returned an upsert outcome".into()))
+        }
+    }
+}
+
+fn precondition_failed(key: &str) -> ApiError {
+    ApiError::PreconditionFailed(format!(
+        "the precondition (If-Match / If-None-Match) does not hold for key {key:?}"
+    ))
+}
+
+/// `If-Match` / `If-None-Match` of a write.
+fn precondition(req: &Req) -> Result<Precondition, ApiError> {
+    let if_match = req.headers.get(header::IF_MATCH);
+    let if_none = req.headers.get(header::IF_NONE_MATCH);
+    let text = |v: &HeaderValue| {
+        v.to_str()
+            .map(etag_list)
+            .ok()
+            .filter(|l| !l.is_empty())
+            .ok_or_else(|| ApiError::InvalidRequest("malformed If-Match / If-None-Match header".into()))
+    };
+    match (if_match, if_none) {
+        (Some(_), Some(_)) => Err(ApiError::InvalidRequest(
+            "send either If-Match or If-None-Match, not both".into(),
+        )),
+        (Some(v), None) => Ok(Precondition::IfMatch(text(v)?)),
+        (None, Some(v)) => Ok(Precondition::IfNoneMatch(text(v)?)),
+        (None, None) => Ok(Precondition::None),
+    }
+}
+
+/// Splits an ETag list header; weak tags (`W/"…"`) compare by their opaque part.
+fn etag_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|t| t.trim())
+        .map(|t| t.strip_prefix("W/").unwrap_or(t))
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Cursor {
+    p: String,
+    a: String,
+}
+
+fn encode_cursor(prefix: &str, after: &str) -> String {
+    let json = serde_json::to_vec(&Cursor { p: prefix.into(), a: after.into() }).expect("cursor");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
+
+fn decode_cursor(c: &str) -> Result<Cursor, ApiError> {
+    let bad = || ApiError::InvalidRequest("cursor is not one this service issued".into());
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
+    serde_json::from_slice(&raw).map_err(|_| bad())
+}
+
+async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
+    auth::check_read(&state.config, req)?;
+    let q = req.query_params(&["prefix", "limit", "cursor"])?;
+    let limit = match q.get("limit") {
+        None => LIST_DEFAULT_LIMIT,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=LIST_MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(format!(
+                    "limit must be an integer between 1 and {LIST_MAX_LIMIT}, got {l:?}"
+                ))
+            })?,
+    };
+    let (prefix, after) = match q.get("cursor") {
+        Some(c) => {
+            let cur = decode_cursor(c)?;
+            if q.get("prefix").is_some_and(|p| *p != cur.p) {
+                return Err(ApiError::InvalidRequest(
+                    "prefix differs from the one the cursor was issued for".into(),
+                ));
+            }
+            (cur.p, Some(cur.a))
+        }
+        None => (q.get("prefix").cloned().unwrap_or_default(), None),
+    };
+    if prefix.len() > MAX_KEY_BYTES {
+        return Err(ApiError::InvalidRequest(format!(
+            "prefix is longer than {MAX_KEY_BYTES} bytes"
+        )));
+    }
+    let mut rows = state.store.list(&prefix, after.as_deref(), limit + 1).await?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = if more { rows.last().map(|e| encode_cursor(&prefix, &e.key)) } else { None };
+
+    let mut body = BytesMut::with_capacity(64 + rows.iter().map(|e| e.value.len() + 200).sum::<usize>());
+    body.put_slice(b"{\"items\":[");
+    for (i, e) in rows.iter().enumerate() {
+        if i > 0 {
+            body.put_u8(b',');
+        }
+        body.put_slice(&e.to_json());
+    }
+    body.put_slice(b"],\"next_cursor\":");
+    body.put_slice(&serde_json::to_vec(&next).expect("cursor json"));
+    body.put_u8(b'}');
+    let mut resp = json_response(StatusCode::OK, body.freeze());
+    if let Some(c) = next {
+        let link = format!("</v1/keys?cursor={c}&limit={limit}>; rel=\"next\"");
+        resp.headers_mut().insert(header::LINK, HeaderValue::from_str(&link).expect("ASCII"));
+    }
+    Ok(resp)
+}
+
+/// The key of `/v1/keys/{key}`: percent-decoded, then validated.
+pub fn key_from_path(raw: &str) -> Result<String, ApiError> {
+    let key = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::InvalidKey("the key is not valid UTF-8 after percent-decoding".into()))?
+        .into_owned();
+    validate_key(&key)?;
+    Ok(key)
+}
+
+/// 1 to 512 bytes of UTF-8, no control characters (U+0000–U+001F, U+007F).
+pub fn validate_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::InvalidKey("the key is empty".into()));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(ApiError::InvalidKey(format!(
+            "the key is {} bytes long; the limit is {MAX_KEY_BYTES} bytes",
+            key.len()
+        )));
+    }
+    if key.chars().any(|c| c <= '\u{1f}' || c == '\u{7f}') {
+        return Err(ApiError::InvalidKey("the key contains a control character".into()));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutBody<'a> {
+    #[serde(borrow)]
+    value: &'a RawValue,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostBody<'a> {
+    key: String,
+    #[serde(borrow)]
+    value: &'a RawValue,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(raw: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(raw)
+        .map_err(|e| ApiError::InvalidJson(format!("the body is not the JSON this endpoint expects: {e}")))
+}
+
+/// Removes the whitespace outside strings: the value is stored as compact JSON text, byte
+/// for byte what the client sent otherwise (key order, number spelling, escapes).
+pub fn compact_json(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in json.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The largest request body accepted: room for a value at the limit written with
+/// generous whitespace, plus the key and the other fields.
+pub fn body_limit(max_value_bytes: usize) -> usize {
+    max_value_bytes * 2 + 64 * 1024
+}
+
+/// Reads the whole body within the request timeout, refusing it (413) as soon as it is
+/// known to exceed the limit: by its Content-Length, or while streaming.
+async fn read_body<S, B>(body: S, headers: &HeaderMap, state: &State) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    let limit = body_limit(state.config.max_value_bytes);
+    let too_large = || {
+        ApiError::ValueTooLarge(format!("the request body exceeds the limit of {limit} bytes"))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut body = std::pin::pin!(body);
+    if declared.is_some_and(|n| n > limit) {
+        if !expects_continue && declared.is_some_and(|n| n <= DRAIN_MAX_BYTES) {
+            drain(&mut body, 0).await;
+        }
+        return Err(too_large());
+    }
+    let read = async {
+        let mut buf = BytesMut::with_capacity(declared.unwrap_or(8 * 1024).min(limit));
+        while let Some(chunk) = body.next().await {
+            let mut chunk = chunk.map_err(|_| {
+                ApiError::InvalidRequest("the request body could not be read".into())
+            })?;
+            if buf.len() + chunk.remaining() > limit {
+                let seen = buf.len() + chunk.remaining();
+                drop(buf);
+                drain(&mut body, seen).await;
+                return Err(too_large());
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                buf.put_slice(part);
+                let n = part.len();
+                chunk.advance(n);
+            }
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(state.config.request_timeout, read)
+        .await
+        .unwrap_or(Err(ApiError::RequestTimeout))
+}
+
+/// Reads and discards the rest of an oversized body (bounded in bytes and time).
+async fn drain<S, B>(body: &mut std::pin::Pin<&mut S>, mut seen: usize)
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while seen <= DRAIN_MAX_BYTES {
+            match body.next().await {
+                Some(Ok(chunk)) => seen += chunk.remaining(),
+                _ => break,
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        assert_eq!(key_from_path("app/config/color").unwrap(), "app/config/color");
+        assert_eq!(key_from_path("a%2Fb%20c").unwrap(), "a/b c");
+        assert_eq!(key_from_path("%C3%A9t%C3%A9").unwrap(), "été");
+        assert_eq!(key_from_path("").unwrap_err().code(), "invalid_key");
+        assert_eq!(key_from_path("%FF").unwrap_err().code(), "invalid_key");
+        assert_eq!(key_from_path("a%00b").unwrap_err().code(), "invalid_key");
+        assert_eq!(key_from_path("a%7Fb").unwrap_err().code(), "invalid_key");
+        assert_eq!(key_from_path("a%0Ab").unwrap_err().code(), "invalid_key");
+        assert!(validate_key(&"k".repeat(512)).is_ok());
+        assert!(validate_key(&"k".repeat(513)).is_err());
+        // 512 bytes is counted in bytes: 256 two-byte characters fit, 257 do not.
+        assert!(validate_key(&"é".repeat(256)).is_ok());
+        assert!(validate_key(&"é".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn compacts_outside_strings_only() {
+        assert_eq!(compact_json(" { \"a b\" : [1, 2.50 ,\n\"x \\\" y\"] } "), "{\"a b\":[1,2.50,\"x \\\" y\"]}");
+        assert_eq!(compact_json("\"\\\\\"  "), "\"\\\\\"");
+        assert_eq!(compact_json("{\"z\":1,\"a\":2}"), "{\"z\":1,\"a\":2}");
+    }
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = encode_cursor("app/", "app/x");
+        let d = decode_cursor(&c).unwrap();
+        assert_eq!((d.p.as_str(), d.a.as_str()), ("app/", "app/x"));
+        assert!(decode_cursor("not-a-cursor!").is_err());
+        assert!(decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("{}")).is_err());
+    }
+
+    #[test]
+    fn etag_lists() {
+        assert_eq!(etag_list("\"1\", W/\"2\" ,*"), vec!["\"1\"", "\"2\"", "*"]);
+    }
+}

@@ -1,0 +1,274 @@
+//! The HTTP API: warp routes, and the per-request envelope (request id, access log,
+//! metrics) around them.
+//!
+//! Handlers never reject: each returns a full response, errors included (one error type,
+//! [`ApiError`], rendered as RFC 9457 problem+json with the request id). The only warp
+//! rejections left are "no route matched", answered by the fallback as a 404 problem.
+
+pub mod auth;
+pub mod health;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use warp::http::{header, HeaderMap, HeaderValue, Method, Request};
+use warp::reply::Response;
+use warp::Filter;
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::metrics::{self, Metrics};
+use crate::store::Store;
+
+/// Route templates: the `route` label of metrics and of the access log (never a raw key).
+pub mod route {
+    pub const KEY: &str = "/v1/keys/{key}";
+    pub const KEYS: &str = "/v1/keys";
+    pub const STATS: &str = "/v1/stats";
+    pub const ROOT: &str = "/";
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    pub const OPENAPI: &str = "/openapi.json";
+    pub const UNMATCHED: &str = "unmatched";
+}
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Process-wide health flags, shared by the probes and the background tasks.
+#[derive(Default)]
+pub struct Health {
+    pub migrated: AtomicBool,
+    pub db_up: AtomicBool,
+    pub shutting_down: AtomicBool,
+}
+
+impl Health {
+    /// `None` when ready, else the reason it is not.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            Some("the instance is shutting down")
+        } else if !self.migrated.load(Ordering::Relaxed) {
+            Some("the database schema is not ready yet (migrations pending)")
+        } else if !self.db_up.load(Ordering::Relaxed) {
+            Some("the database is unreachable")
+        } else {
+            None
+        }
+    }
+}
+
+/// Everything a handler needs.
+pub struct State {
+    pub config: Config,
+    pub store: Store,
+    pub cache: Cache,
+    pub metrics: Arc<Metrics>,
+    pub health: Health,
+    pub log: slog::Logger,
+    pub version: &'static str,
+    pub revision: &'static str,
+}
+
+/// The request as handlers see it.
+pub struct Req {
+    pub method: Method,
+    pub headers: HeaderMap,
+    pub query: String,
+    pub id: String,
+}
+
+impl Req {
+    /// Parses the query string; every parameter must be one of `allowed`, at most once.
+    pub fn query_params(&self, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&self.query)
+            .map_err(|_| ApiError::InvalidRequest("the query string is malformed".into()))?;
+        let mut out = HashMap::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            if !allowed.contains(&k.as_str()) {
+                return Err(ApiError::InvalidRequest(if allowed.is_empty() {
+                    format!("unknown query parameter {k:?}: this endpoint takes none")
+                } else {
+                    format!("unknown query parameter {k:?}; allowed: {}", allowed.join(", "))
+                }));
+            }
+            if out.insert(k.clone(), v).is_some() {
+                return Err(ApiError::InvalidRequest(format!("query parameter {k:?} is repeated")));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn header(&self, name: header::HeaderName) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// The route label travels from the handler to the envelope in a response extension.
+#[derive(Clone, Copy)]
+struct RouteLabel(&'static str);
+
+/// Turns a handler result into the response, tagged with its route template. Internal
+/// errors are logged here with their cause (the client only sees the request id).
+pub fn finish(state: &State, req: &Req, route: &'static str, r: Result<Response, ApiError>) -> Response {
+    let mut resp = match r {
+        Ok(resp) => resp,
+        Err(e) => {
+            if let ApiError::Internal(cause) = &e {
+                slog::error!(state.log, "internal error"; "request_id" => &req.id, "route" => route, "cause" => cause);
+            }
+            e.into_response(&req.id)
+        }
+    };
+    resp.extensions_mut().insert(RouteLabel(route));
+    resp
+}
+
+pub fn json_response(status: warp::http::StatusCode, body: impl Into<bytes::Bytes>) -> Response {
+    let mut resp = Response::new(body.into().into());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn with_req() -> impl Filter<Extract = (Req,), Error = Infallible> + Clone {
+    warp::method()
+        .and(warp::header::headers_cloned())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .map(|method: Method, headers: HeaderMap, query: String| {
+            let id = headers
+                .get(REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            Req { method, headers, query, id }
+        })
+}
+
+/// All routes of the API port.
+pub fn routes(
+    state: Arc<State>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let st = warp::any().map(move || state.clone());
+    let body = warp::body::stream();
+
+    let keys = warp::path!("v1" / "keys")
+        .and(with_req())
+        .and(body)
+        .and(st.clone())
+        .then(keys::collection);
+    let key = warp::path("v1")
+        .and(warp::path("keys"))
+        .and(warp::path::tail())
+        .and(with_req())
+        .and(body)
+        .and(st.clone())
+        .then(keys::item);
+    let stats = warp::path!("v1" / "stats").and(with_req()).and(st.clone()).then(health::stats);
+    let root = warp::path::end().and(with_req()).and(st.clone()).then(health::root);
+    let healthz = warp::path!("healthz").and(with_req()).and(st.clone()).then(health::healthz);
+    let readyz = warp::path!("readyz").and(with_req()).and(st.clone()).then(health::readyz);
+    let openapi = warp::path!("openapi.json").and(with_req()).and(st.clone()).then(health::openapi);
+    let fallback = with_req().and(st).map(|req: Req, state: Arc<State>| {
+        let e = ApiError::NotFound("no such route; see /openapi.json".into());
+        finish(&state, &req, route::UNMATCHED, Err(e))
+    });
+
+    keys.or(key)
+        .unify()
+        .or(stats)
+        .unify()
+        .or(root)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .or(openapi)
+        .unify()
+        .or(fallback)
+        .unify()
+}
+
+/// A request id from the client if it is sane (1–128 of `[A-Za-z0-9._:-]`), else a new one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(c))
+        {
+            return v.clone();
+        }
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    HeaderValue::from_str(&id).expect("uuid is ASCII")
+}
+
+/// The envelope around every API request: request id in and out, a time budget, the
+/// HTTP metrics and the access-log line.
+pub async fn handle<S, B>(state: &State, svc: &S, mut req: Request<B>) -> Response
+where
+    S: tower_service::Service<Request<B>, Response = Response, Error = Infallible> + Clone,
+{
+    let start = Instant::now();
+    let id = request_id(req.headers());
+    req.headers_mut().insert(REQUEST_ID, id.clone());
+    let method = metrics::method_label(req.method());
+    state.metrics.http_in_flight.inc();
+    let _in_flight = scopeguard(&state.metrics);
+
+    let budget = state.config.request_timeout
+        + state.config.db_acquire_timeout
+        + state.config.db_query_timeout;
+    let mut svc = svc.clone();
+    let mut resp = match tokio::time::timeout(budget, svc.call(req)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(never)) => match never {},
+        Err(_) => {
+            let mut r = ApiError::Unavailable("the request took too long; retry shortly".into())
+                .into_response(id.to_str().unwrap_or_default());
+            r.extensions_mut().insert(RouteLabel(route::UNMATCHED));
+            r
+        }
+    };
+    let route = resp.extensions().get::<RouteLabel>().map_or(route::UNMATCHED, |r| r.0);
+    resp.headers_mut().insert(REQUEST_ID, id.clone());
+    let status = resp.status().as_u16();
+    let elapsed = start.elapsed();
+    let class = metrics::status_class(status);
+    state.metrics.http_requests.with_label_values(&[method, route, class]).inc();
+    state
+        .metrics
+        .http_duration
+        .with_label_values(&[method, route, class])
+        .observe(elapsed.as_secs_f64());
+    if state.config.access_log {
+        let bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        slog::info!(state.log, "request";
+            "request_id" => id.to_str().unwrap_or_default(),
+            "method" => method,
+            "route" => route,
+            "status" => status,
+            "duration_ms" => (elapsed.as_secs_f64() * 1e6).round() / 1e3,
+            "bytes" => bytes,
+        );
+    }
+    resp
+}
+
+struct InFlight<'a>(&'a Metrics);
+
+fn scopeguard(m: &Metrics) -> InFlight<'_> {
+    InFlight(m)
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.http_in_flight.dec();
+    }
+}

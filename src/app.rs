@@ -1,0 +1,372 @@
+//! Start-up, background tasks and shutdown.
+//!
+//! Start: bind both listeners (port 0 works; the bound addresses are logged) → pool →
+//! serve (liveness is up, readiness waits) → migrate under the lock, retrying until the
+//! database answers → ready. Background: a database ping every second (readiness and
+//! `kvstore_db_up`), the expiry purge, the change-log poll that invalidates keys other
+//! replicas wrote. Shutdown on SIGTERM/SIGINT: not ready → `KV_SHUTDOWN_DELAY` (endpoints
+//! drop the pod) → stop accepting and drain within `KV_SHUTDOWN_TIMEOUT` → close the pool →
+//! flush logs. A second signal exits at once.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use slog::{error, info, warn, Logger};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use warp::http::{header, HeaderValue, Request, StatusCode};
+use warp::reply::Response;
+
+use crate::api::{self, Health, State};
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Version and revision baked in by `build.rs`.
+pub const VERSION: &str = env!("KVSTORE_BUILD_VERSION");
+pub const REVISION: &str = env!("KVSTORE_BUILD_REVISION");
+
+/// How long change-log rows are kept (replicas poll far more often than this).
+const KEEP_CHANGES: Duration = Duration::from_secs(600);
+/// A change-log id missing below the newest one seen is re-polled this long (its
+/// transaction may still commit); after that it is taken as rolled back.
+const GAP_PATIENCE: Duration = Duration::from_secs(15);
+
+/// A running instance: its bound addresses and the handle to stop it.
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub state: Arc<State>,
+    shutdown: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Starts the shutdown sequence (as SIGTERM does) and waits for it to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.done.await;
+    }
+
+    /// Waits until the instance has stopped.
+    pub async fn stopped(self) {
+        let _ = self.done.await;
+    }
+
+    pub fn trigger_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Binds, starts every task and returns at once; shutdown is triggered through the
+/// returned handle (see `run_until_signal` for the process's own signal handling).
+pub async fn start(config: Config, log: Logger) -> std::io::Result<Running> {
+    let http = TcpListener::bind(config.listen_addr).await?;
+    let metrics_listener = TcpListener::bind(config.metrics_addr).await?;
+    let http_addr = http.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+
+    let metrics = Arc::new(Metrics::new(VERSION, REVISION));
+    let store = Store::new(&config, metrics.clone());
+    let cache = Cache::new(
+        config.cache_max_bytes,
+        config.cache_ttl,
+        config.cache_negative_ttl,
+        metrics.clone(),
+    );
+    let state = Arc::new(State {
+        config,
+        store,
+        cache,
+        metrics,
+        health: Health::default(),
+        log: log.clone(),
+        version: VERSION,
+        revision: REVISION,
+    });
+    log_startup(&state, http_addr, metrics_addr);
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (stop_accepting_tx, stop_accepting_rx) = watch::channel(false);
+    let graceful = Arc::new(GracefulShutdown::new());
+
+    let api_svc = warp::service(api::routes(state.clone()));
+    let api_state = state.clone();
+    let api_handler = move |req: Request<Incoming>| {
+        let state = api_state.clone();
+        let svc = api_svc.clone();
+        async move { Ok::<_, Infallible>(api::handle(&state, &svc, req).await) }
+    };
+    let metrics_state = state.clone();
+    let metrics_handler = move |req: Request<Incoming>| {
+        let state = metrics_state.clone();
+        async move { Ok::<_, Infallible>(metrics_endpoint(&state, req).await) }
+    };
+    let header_timeout = state.config.header_read_timeout;
+    let api_loop = tokio::spawn(accept_loop(
+        http,
+        api_handler,
+        graceful.clone(),
+        stop_accepting_rx.clone(),
+        header_timeout,
+        log.clone(),
+    ));
+    let metrics_loop = tokio::spawn(accept_loop(
+        metrics_listener,
+        metrics_handler,
+        graceful.clone(),
+        stop_accepting_rx,
+        header_timeout,
+        log.clone(),
+    ));
+
+    let background = vec![
+        tokio::spawn(migrate_until_done(state.clone())),
+        tokio::spawn(health_loop(state.clone())),
+        tokio::spawn(purge_loop(state.clone())),
+        tokio::spawn(invalidation_loop(state.clone())),
+    ];
+
+    let st = state.clone();
+    let done = tokio::spawn(async move {
+        let mut rx = shutdown_rx;
+        let _ = rx.wait_for(|stop| *stop).await.map(|_| ());
+        let log = &st.log;
+        st.health.shutting_down.store(true, Ordering::SeqCst);
+        st.metrics.ready.set(0);
+        info!(log, "shutdown: not ready any more; waiting before closing listeners";
+            "delay_ms" => st.config.shutdown_delay.as_millis() as u64);
+        tokio::time::sleep(st.config.shutdown_delay).await;
+        let _ = stop_accepting_tx.send(true);
+        let _ = api_loop.await;
+        let _ = metrics_loop.await;
+        let started = Instant::now();
+        let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+        match tokio::time::timeout(st.config.shutdown_timeout, graceful.shutdown()).await {
+            Ok(()) => info!(log, "shutdown: in-flight requests drained";
+                "drain_ms" => started.elapsed().as_millis() as u64),
+            Err(_) => warn!(log, "shutdown: drain timed out; closing remaining connections";
+                "timeout_ms" => st.config.shutdown_timeout.as_millis() as u64),
+        }
+        for task in background {
+            task.abort();
+        }
+        st.store.clone().close(Duration::from_secs(5)).await;
+        info!(log, "shutdown: database pool closed; exiting");
+    });
+
+    Ok(Running { http_addr, metrics_addr, state, shutdown: shutdown_tx, done })
+}
+
+/// Runs until SIGTERM or SIGINT, then shuts down in order. A second signal exits at once.
+pub async fn run_until_signal(config: Config, log: Logger) -> std::io::Result<()> {
+    let running = start(config, log.clone()).await?;
+    wait_for_signal().await;
+    info!(log, "signal received: shutting down gracefully (send it again to exit at once)");
+    running.trigger_shutdown();
+    let second = tokio::spawn({
+        let log = log.clone();
+        async move {
+            wait_for_signal().await;
+            warn!(log, "second signal: exiting immediately");
+            // Give the async log writer a moment to print that line.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            std::process::exit(1);
+        }
+    });
+    running.stopped().await;
+    second.abort();
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn log_startup(state: &State, http: SocketAddr, metrics: SocketAddr) {
+    let c = &state.config;
+    let log = &state.log;
+    info!(log, "starting";
+        "version" => VERSION,
+        "revision" => REVISION,
+        "database" => &c.database.display_url,
+        "db_pool_max" => c.db_pool_max,
+        "cache_max_bytes" => c.cache_max_bytes,
+        "cache_ttl_ms" => c.cache_ttl.as_millis() as u64,
+        "max_value_bytes" => c.max_value_bytes,
+        "auth" => c.auth_enabled(),
+        "auth_reads" => c.auth_reads,
+        "log_level" => format!("{:?}", c.log_level).to_lowercase(),
+    );
+    if !c.auth_enabled() {
+        warn!(log, "no API token configured (KV_API_TOKENS / KV_API_TOKENS_FILE): writes are open to anyone who can reach the port");
+    }
+    info!(log, "listening"; "http_addr" => http.to_string(), "metrics_addr" => metrics.to_string());
+}
+
+/// Accepts connections until told to stop; each is served over HTTP/1.1 with a header
+/// read timeout, and watched by the graceful-shutdown handle.
+async fn accept_loop<H, F>(
+    listener: TcpListener,
+    handler: H,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+    header_timeout: Duration,
+    log: Logger,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response, Infallible>> + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+    loop {
+        let stream = tokio::select! {
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(log, "accept failed"; "error" => e.to_string());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(handler.clone()),
+        );
+        let watched = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = watched.await;
+        });
+    }
+}
+
+/// The metrics port: `/metrics` only.
+async fn metrics_endpoint(state: &State, req: Request<Incoming>) -> Response {
+    if req.uri().path() != "/metrics" {
+        let mut r = Response::new("not found: this port serves /metrics only\n".into());
+        *r.status_mut() = StatusCode::NOT_FOUND;
+        return r;
+    }
+    state.cache.update_gauges().await;
+    let mut r = Response::new(state.metrics.render().into());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+async fn migrate_until_done(state: Arc<State>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match state.store.migrate().await {
+            Ok(applied) => {
+                info!(state.log, "database schema is up to date"; "applied" => format!("{applied:?}"));
+                state.health.migrated.store(true, Ordering::SeqCst);
+                return;
+            }
+            Err(e) => {
+                error!(state.log, "migrations failed; retrying"; "error" => e.to_string(),
+                    "retry_in_ms" => delay.as_millis() as u64);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn health_loop(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_up: Option<bool> = None;
+    loop {
+        tick.tick().await;
+        let up = state.store.ping().await.is_ok();
+        state.health.db_up.store(up, Ordering::SeqCst);
+        state.metrics.db_up.set(i64::from(up));
+        state.metrics.ready.set(i64::from(state.health.not_ready_reason().is_none()));
+        if was_up != Some(up) {
+            if up {
+                info!(state.log, "database is reachable");
+            } else {
+                warn!(state.log, "database is unreachable");
+            }
+            was_up = Some(up);
+        }
+    }
+}
+
+async fn purge_loop(state: Arc<State>) {
+    let mut tick = tokio::time::interval(state.config.purge_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !state.health.migrated.load(Ordering::Relaxed) {
+            continue;
+        }
+        match state.store.purge(KEEP_CHANGES).await {
+            Ok(n) => {
+                state.metrics.expired_purged.inc_by(n);
+                if n > 0 {
+                    info!(state.log, "purged expired entries"; "count" => n);
+                }
+            }
+            Err(e) => warn!(state.log, "purge failed"; "error" => e.to_string()),
+        }
+    }
+}
+
+/// Polls the change log and drops cached keys that other replicas changed. Ids can commit
+/// out of order, so ids skipped below the newest one seen are re-polled for a while.
+async fn invalidation_loop(state: Arc<State>) {
+    while !state.health.migrated.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut last = loop {
+        match state.store.last_change_id().await {
+            Ok(id) => break id,
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    let mut gaps: Vec<(u64, Instant)> = Vec::new();
+    let mut tick = tokio::time::interval(state.config.invalidation_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let origin = state.store.origin();
+    loop {
+        tick.tick().await;
+        let gap_ids: Vec<u64> = gaps.iter().map(|(id, _)| *id).collect();
+        let changes = match state.store.changes_since(last, &gap_ids).await {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        let now = Instant::now();
+        for c in &changes {
+            if c.id > last {
+                gaps.extend((last + 1..c.id).take(10_000).map(|id| (id, now)));
+                last = c.id;
+            }
+            gaps.retain(|(id, _)| *id != c.id);
+            if c.origin != origin {
+                state.cache.invalidate(&c.key, c.id).await;
+            }
+        }
+        gaps.retain(|(_, seen)| now.duration_since(*seen) < GAP_PATIENCE);
+    }
+}

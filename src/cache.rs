@@ -1,0 +1,275 @@
+//! The read-through cache in front of MySQL (moka), and the invariants that need care.
+//!
+//! - Size is bounded in **bytes** (a weigher), not entries.
+//! - Concurrent misses on one key make one query: every insert goes through moka's
+//!   `and_compute_with`, which runs one closure per key at a time; a reader that waited finds
+//!   the entry the first one loaded.
+//! - Absent keys are cached too, for `KV_CACHE_NEGATIVE_TTL`.
+//! - An entry never outlives the key's own `expires_at` (per-entry expiry).
+//! - **A slow loader never overwrites a newer write.** A loader holds the key's compute lock
+//!   while it reads the database, and a write updates the cache only after COMMIT and through
+//!   the same lock, so the write's put always lands after the loader's. Two writes of one key
+//!   racing to the cache are ordered by revision (the change-log id, which grows with commit
+//!   order for one key), so an older write never replaces a newer one.
+//! - Cross-replica invalidations remove an entry only if it is older than the change.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
+use moka::Expiry;
+use warp::http::HeaderValue;
+
+use crate::error::DbError;
+use crate::metrics::Metrics;
+use crate::store::{Entry, Store};
+use crate::time::{self, Micros};
+
+/// Per-entry bookkeeping cost added to key and body length by the weigher.
+const ENTRY_OVERHEAD: usize = 160;
+
+/// An entry ready to be served: the JSON body and headers are rendered once, at insert.
+#[derive(Debug)]
+pub struct CachedEntry {
+    pub body: Bytes,
+    pub etag: HeaderValue,
+    pub last_modified: HeaderValue,
+    pub expires_at: Option<Micros>,
+    pub rev: u64,
+}
+
+impl CachedEntry {
+    pub fn new(e: &Entry) -> CachedEntry {
+        CachedEntry {
+            body: Bytes::from(e.to_json()),
+            etag: HeaderValue::from_str(&e.etag()).expect("etag is ASCII"),
+            last_modified: HeaderValue::from_str(&time::http_date(e.updated_at))
+                .expect("HTTP date is ASCII"),
+            expires_at: e.expires_at,
+            rev: e.rev,
+        }
+    }
+
+    pub fn is_expired(&self, now: Micros) -> bool {
+        self.expires_at.is_some_and(|e| e <= now)
+    }
+}
+
+/// What the cache holds for a key: the entry, or "absent" (`item: None`).
+#[derive(Clone, Debug)]
+struct Slot {
+    item: Option<Arc<CachedEntry>>,
+    /// Revision this slot reflects (0 for "absent" read from the database).
+    rev: u64,
+    deadline: Instant,
+}
+
+impl Slot {
+    fn fresh(&self, now: Instant) -> bool {
+        self.deadline > now && !self.item.as_ref().is_some_and(|i| i.is_expired(time::now_micros()))
+    }
+}
+
+struct ByDeadline;
+
+impl Expiry<String, Slot> for ByDeadline {
+    fn expire_after_create(&self, _: &String, v: &Slot, now: Instant) -> Option<Duration> {
+        Some(v.deadline.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        v: &Slot,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.deadline.saturating_duration_since(now))
+    }
+}
+
+/// How a read was answered (the `Cache-Status` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Hit,
+    Miss,
+    Bypass,
+}
+
+impl Source {
+    pub fn header(self) -> &'static str {
+        match self {
+            Source::Hit => "kvstore; hit",
+            Source::Miss => "kvstore; fwd=miss; stored",
+            Source::Bypass => "kvstore; fwd=request; stored",
+        }
+    }
+}
+
+pub struct Cache {
+    inner: moka::future::Cache<String, Slot>,
+    ttl: Duration,
+    negative_ttl: Duration,
+    /// Entries heavier than this are served but not cached.
+    max_entry_weight: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Cache {
+    pub fn new(
+        max_bytes: u64,
+        ttl: Duration,
+        negative_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Cache {
+        let m = metrics.clone();
+        let inner = moka::future::Cache::builder()
+            .name("kvstore")
+            .max_capacity(max_bytes)
+            .weigher(|k: &String, v: &Slot| weight(k, v).try_into().unwrap_or(u32::MAX))
+            .expire_after(ByDeadline)
+            .eviction_listener(move |_k, _v, cause| match cause {
+                RemovalCause::Size => m.cache_evictions.with_label_values(&["size"]).inc(),
+                RemovalCause::Expired => m.cache_evictions.with_label_values(&["expired"]).inc(),
+                RemovalCause::Explicit | RemovalCause::Replaced => {}
+            })
+            .build();
+        metrics.cache_capacity_bytes.set(max_bytes as i64);
+        Cache {
+            inner,
+            ttl,
+            negative_ttl,
+            max_entry_weight: (max_bytes / 8) as usize,
+            metrics,
+        }
+    }
+
+    fn slot(&self, item: Option<Arc<CachedEntry>>, rev: u64) -> Slot {
+        let now = Instant::now();
+        let mut deadline = now + if item.is_some() { self.ttl } else { self.negative_ttl };
+        if let Some(exp) = item.as_ref().and_then(|i| i.expires_at) {
+            let left = (exp - time::now_micros()).max(0) as u64;
+            deadline = deadline.min(now + Duration::from_micros(left));
+        }
+        Slot { item, rev, deadline }
+    }
+
+    /// Reads `key` through the cache. `bypass` (`Cache-Control: no-cache`) always queries
+    /// the database and refreshes the cache with the answer.
+    pub async fn get(
+        &self,
+        key: &str,
+        bypass: bool,
+        store: &Store,
+    ) -> Result<(Option<Arc<CachedEntry>>, Source), DbError> {
+        if !bypass {
+            if let Some(slot) = self.inner.get(key).await {
+                if slot.fresh(Instant::now()) {
+                    self.metrics.cache_hits.inc();
+                    return Ok((slot.item, Source::Hit));
+                }
+            }
+        }
+        let mut loaded: Option<Option<Arc<CachedEntry>>> = None;
+        let mut failed: Option<DbError> = None;
+        let (loaded_ref, failed_ref) = (&mut loaded, &mut failed);
+        let result = self
+            .inner
+            .entry_by_ref(key)
+            .and_compute_with(|existing| async move {
+                if !bypass && existing.as_ref().is_some_and(|e| e.value().fresh(Instant::now())) {
+                    // Another reader loaded it while we waited for the key's lock.
+                    return Op::Nop;
+                }
+                match store.get(key).await {
+                    Err(e) => {
+                        *failed_ref = Some(e);
+                        Op::Nop
+                    }
+                    Ok(row) => {
+                        let item = row.as_ref().map(|e| Arc::new(CachedEntry::new(e)));
+                        let rev = item.as_ref().map_or(0, |i| i.rev);
+                        *loaded_ref = Some(item.clone());
+                        let slot = self.slot(item, rev);
+                        if weight(key, &slot) > self.max_entry_weight {
+                            Op::Remove
+                        } else {
+                            Op::Put(slot)
+                        }
+                    }
+                }
+            })
+            .await;
+        if let Some(e) = failed {
+            self.metrics.cache_misses.inc();
+            return Err(e);
+        }
+        if let Some(item) = loaded {
+            self.metrics.cache_misses.inc();
+            return Ok((item, if bypass { Source::Bypass } else { Source::Miss }));
+        }
+        self.metrics.cache_hits.inc();
+        let item = result.into_entry().and_then(|e| e.into_value().item);
+        Ok((item, Source::Hit))
+    }
+
+    /// After a committed write on this instance: cache its result (`None` for a delete),
+    /// unless the cache already reflects a newer revision.
+    pub async fn put_written(&self, key: &str, item: Option<Arc<CachedEntry>>, rev: u64) {
+        let slot = self.slot(item, rev);
+        let too_heavy = weight(key, &slot) > self.max_entry_weight;
+        self.inner
+            .entry_by_ref(key)
+            .and_compute_with(|existing| {
+                let op = match existing {
+                    Some(e) if e.value().rev > rev => Op::Nop,
+                    _ if too_heavy => Op::Remove,
+                    _ => Op::Put(slot),
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+
+    /// Another replica changed `key` at revision `rev`: drop our copy if it is older.
+    pub async fn invalidate(&self, key: &str, rev: u64) {
+        let r = self
+            .inner
+            .entry_by_ref(key)
+            .and_compute_with(|existing| {
+                std::future::ready(match existing {
+                    Some(e) if e.value().rev < rev => Op::Remove,
+                    _ => Op::Nop,
+                })
+            })
+            .await;
+        if matches!(r, moka::ops::compute::CompResult::Removed(_)) {
+            self.metrics.cache_invalidations.inc();
+        }
+    }
+
+    /// Refreshes the cache gauges (called on each scrape).
+    pub async fn update_gauges(&self) {
+        self.inner.run_pending_tasks().await;
+        self.metrics.cache_entries.set(self.inner.entry_count() as i64);
+        self.metrics.cache_size_bytes.set(self.inner.weighted_size() as i64);
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.inner.entry_count()
+    }
+
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.weighted_size()
+    }
+
+    pub async fn run_pending_tasks(&self) {
+        self.inner.run_pending_tasks().await;
+    }
+}
+
+fn weight(key: &str, slot: &Slot) -> usize {
+    key.len() + slot.item.as_ref().map_or(0, |i| i.body.len()) + ENTRY_OVERHEAD
+}

@@ -1,0 +1,413 @@
+//! Every `KV_*` setting in one place: its default, its parsing and its validation.
+//!
+//! A wrong value stops start-up with one sentence naming the variable (exit code 2, see
+//! `main.rs`). Secrets (the database password, API tokens) live in types whose `Debug` is
+//! redacted, so `{:?}` of the whole config is safe to log.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mysql_async::{Opts, OptsBuilder};
+
+/// Largest value size we accept for `KV_MAX_VALUE_BYTES`: the smallest default
+/// `max_allowed_packet` of the supported servers (MariaDB 10.11: 16 MiB) minus headroom.
+const MAX_VALUE_BYTES_CEILING: usize = 15 * 1024 * 1024;
+
+/// A configuration error: one sentence for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// A string that never shows up in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"[redacted]\"")
+    }
+}
+
+/// Database connection settings. `Debug` shows the URL without its password.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    /// The URL with any password removed (safe to log).
+    pub display_url: String,
+    opts: Opts,
+}
+
+impl DatabaseConfig {
+    pub fn opts(&self) -> &Opts {
+        &self.opts
+    }
+
+    /// The name of the database (schema) the service works in.
+    pub fn db_name(&self) -> &str {
+        self.opts.db_name().unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.display_url)
+            .field("password", &"[redacted]")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_slog(self) -> slog::Level {
+        match self {
+            LogLevel::Trace => slog::Level::Trace,
+            LogLevel::Debug => slog::Level::Debug,
+            LogLevel::Info => slog::Level::Info,
+            LogLevel::Warning => slog::Level::Warning,
+            LogLevel::Error => slog::Level::Error,
+        }
+    }
+}
+
+/// The whole service configuration. Defaults are listed in README.md ("Configuration").
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub listen_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub max_value_bytes: usize,
+    pub api_tokens: Vec<Secret>,
+    pub auth_reads: bool,
+    pub cache_ttl: Duration,
+    pub cache_negative_ttl: Duration,
+    pub cache_max_bytes: u64,
+    pub db_pool_min: usize,
+    pub db_pool_max: usize,
+    /// Bounds the background readiness ping and each start-up connection attempt.
+    pub db_connect_timeout: Duration,
+    pub db_acquire_timeout: Duration,
+    pub db_query_timeout: Duration,
+    pub request_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub shutdown_delay: Duration,
+    pub shutdown_timeout: Duration,
+    pub purge_interval: Duration,
+    pub invalidation_interval: Duration,
+    pub log_level: LogLevel,
+    pub access_log: bool,
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> =
+            std::env::vars().filter(|(k, _)| k.starts_with("KV_")).collect();
+        Config::from_vars(&vars)
+    }
+
+    /// Reads the configuration from a map of variables (the environment, or a test's map).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let env = Env(vars);
+        let database = database_config(
+            env.get("KV_DATABASE_URL")
+                .ok_or_else(|| err("KV_DATABASE_URL is required, e.g. mysql://kvstore:secret@127.0.0.1:3306/kvstore"))?,
+            env.get("KV_DATABASE_PASSWORD"),
+            env.parse("KV_DB_POOL_MIN", 2usize)?,
+            env.parse("KV_DB_POOL_MAX", 16usize)?,
+        )?;
+
+        let mut api_tokens: Vec<Secret> = Vec::new();
+        if let Some(list) = env.get("KV_API_TOKENS") {
+            api_tokens.extend(split_tokens(list.split(',')));
+        }
+        if let Some(path) = env.get("KV_API_TOKENS_FILE") {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                err(format!("KV_API_TOKENS_FILE: cannot read {path}: {e}"))
+            })?;
+            api_tokens.extend(split_tokens(text.lines()));
+        }
+        if (env.get("KV_API_TOKENS").is_some() || env.get("KV_API_TOKENS_FILE").is_some())
+            && api_tokens.is_empty()
+        {
+            return Err(err("KV_API_TOKENS / KV_API_TOKENS_FILE is set but holds no token"));
+        }
+
+        let max_value_bytes = env.parse("KV_MAX_VALUE_BYTES", 1024 * 1024usize)?;
+        if !(1..=MAX_VALUE_BYTES_CEILING).contains(&max_value_bytes) {
+            return Err(err(format!(
+                "KV_MAX_VALUE_BYTES must be between 1 and {MAX_VALUE_BYTES_CEILING}, got {max_value_bytes}"
+            )));
+        }
+
+        let config = Config {
+            database,
+            listen_addr: env.parse("KV_LISTEN_ADDR", "0.0.0.0:8080".parse().unwrap())?,
+            metrics_addr: env.parse("KV_METRICS_ADDR", "0.0.0.0:9090".parse().unwrap())?,
+            max_value_bytes,
+            api_tokens,
+            auth_reads: env.bool("KV_AUTH_READS", false)?,
+            cache_ttl: env.duration("KV_CACHE_TTL", "30s")?,
+            cache_negative_ttl: env.duration("KV_CACHE_NEGATIVE_TTL", "2s")?,
+            cache_max_bytes: env.parse("KV_CACHE_MAX_BYTES", 64 * 1024 * 1024u64)?,
+            db_pool_min: env.parse("KV_DB_POOL_MIN", 2usize)?,
+            db_pool_max: env.parse("KV_DB_POOL_MAX", 16usize)?,
+            db_connect_timeout: env.duration("KV_DB_CONNECT_TIMEOUT", "3s")?,
+            db_acquire_timeout: env.duration("KV_DB_ACQUIRE_TIMEOUT", "2s")?,
+            db_query_timeout: env.duration("KV_DB_QUERY_TIMEOUT", "3s")?,
+            request_timeout: env.duration("KV_REQUEST_TIMEOUT", "10s")?,
+            header_read_timeout: env.duration("KV_HEADER_READ_TIMEOUT", "5s")?,
+            shutdown_delay: env.duration("KV_SHUTDOWN_DELAY", "5s")?,
+            shutdown_timeout: env.duration("KV_SHUTDOWN_TIMEOUT", "20s")?,
+            purge_interval: env.duration("KV_PURGE_INTERVAL", "30s")?,
+            invalidation_interval: env.duration("KV_INVALIDATION_INTERVAL", "250ms")?,
+            log_level: log_level(env.get("KV_LOG_LEVEL").unwrap_or("info"))?,
+            access_log: env.bool("KV_ACCESS_LOG", true)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("KV_CACHE_TTL", self.cache_ttl),
+            ("KV_CACHE_NEGATIVE_TTL", self.cache_negative_ttl),
+            ("KV_DB_CONNECT_TIMEOUT", self.db_connect_timeout),
+            ("KV_DB_ACQUIRE_TIMEOUT", self.db_acquire_timeout),
+            ("KV_DB_QUERY_TIMEOUT", self.db_query_timeout),
+            ("KV_REQUEST_TIMEOUT", self.request_timeout),
+            ("KV_HEADER_READ_TIMEOUT", self.header_read_timeout),
+            ("KV_SHUTDOWN_TIMEOUT", self.shutdown_timeout),
+            ("KV_PURGE_INTERVAL", self.purge_interval),
+            ("KV_INVALIDATION_INTERVAL", self.invalidation_interval),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(err(format!("{name} must be greater than zero")));
+        }
+        if self.db_pool_max == 0 || self.db_pool_max > 1000 {
+            return Err(err("KV_DB_POOL_MAX must be between 1 and 1000"));
+        }
+        if self.db_pool_min > self.db_pool_max {
+            return Err(err(format!(
+                "KV_DB_POOL_MIN ({}) must not exceed KV_DB_POOL_MAX ({})",
+                self.db_pool_min, self.db_pool_max
+            )));
+        }
+        if self.cache_max_bytes < 64 * 1024 && self.cache_max_bytes != 0 {
+            return Err(err("KV_CACHE_MAX_BYTES must be 0 (cache off) or at least 65536"));
+        }
+        Ok(())
+    }
+
+    /// Whether writes (and with `KV_AUTH_READS`, reads) need a bearer token.
+    pub fn auth_enabled(&self) -> bool {
+        !self.api_tokens.is_empty()
+    }
+}
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+fn split_tokens<'a>(parts: impl Iterator<Item = &'a str> + 'a) -> impl Iterator<Item = Secret> + 'a {
+    parts
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.starts_with('#'))
+        .map(|t| Secret(t.to_owned()))
+}
+
+fn log_level(s: &str) -> Result<LogLevel, ConfigError> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "trace" => LogLevel::Trace,
+        "debug" => LogLevel::Debug,
+        "info" => LogLevel::Info,
+        "warn" | "warning" => LogLevel::Warning,
+        "error" => LogLevel::Error,
+        other => {
+            return Err(err(format!(
+                "KV_LOG_LEVEL must be one of trace, debug, info, warning, error, got {other:?}"
+            )))
+        }
+    })
+}
+
+fn database_config(
+    url: &str,
+    password: Option<&str>,
+    pool_min: usize,
+    pool_max: usize,
+) -> Result<DatabaseConfig, ConfigError> {
+    // Never echo the URL back: it may hold a password.
+    let bad = || {
+        err("KV_DATABASE_URL must look like mysql://user:password@host:3306/dbname (the value given is not a valid MySQL URL)")
+    };
+    if !url.starts_with("mysql://") {
+        return Err(bad());
+    }
+    let opts = Opts::from_url(url).map_err(|_| bad())?;
+    let db = opts.db_name().unwrap_or_default().to_owned();
+    if db.is_empty() {
+        return Err(err("KV_DATABASE_URL must name a database, e.g. mysql://user:password@host:3306/kvstore"));
+    }
+    if !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(err("the database name in KV_DATABASE_URL may only contain letters, digits, '_' and '-'"));
+    }
+    let display_url = format!(
+        "mysql://{}@{}:{}/{}",
+        opts.user().unwrap_or("root"),
+        opts.ip_or_hostname(),
+        opts.tcp_port(),
+        db
+    );
+    let pool_max = pool_max.max(1);
+    let constraints = mysql_async::PoolConstraints::new(pool_min.min(pool_max), pool_max)
+        .ok_or_else(|| err("KV_DB_POOL_MIN must not exceed KV_DB_POOL_MAX"))?;
+    let mut builder = OptsBuilder::from_opts(opts)
+        .pool_opts(mysql_async::PoolOpts::default().with_constraints(constraints))
+        // Writes use READ COMMITTED: no gap locks, so concurrent creates of one key do not
+        // deadlock; strict mode makes the server refuse rather than truncate.
+        .init(vec![
+            "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
+            "SET SESSION time_zone = '+00:00'",
+        ])
+        .stmt_cache_size(64)
+        .tcp_nodelay(true);
+    if let Some(pw) = password {
+        builder = builder.pass(Some(pw));
+    }
+    Ok(DatabaseConfig { display_url, opts: builder.into() })
+}
+
+struct Env<'a>(&'a HashMap<String, String>);
+
+impl Env<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
+    }
+
+    fn parse<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, ConfigError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(raw) => raw.parse().map_err(|_| {
+                err(format!("{name} has an invalid value {raw:?} (expected {})", std::any::type_name::<T>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("a value")))
+            }),
+        }
+    }
+
+    fn bool(&self, name: &str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(str::to_ascii_lowercase).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(other) => Err(err(format!("{name} must be true or false, got {other:?}"))),
+        }
+    }
+
+    fn duration(&self, name: &str, default: &str) -> Result<Duration, ConfigError> {
+        let raw = self.get(name).unwrap_or(default);
+        humantime::parse_duration(raw).map_err(|_| {
+            err(format!("{name} must be a duration such as \"250ms\", \"5s\" or \"1m\", got {raw:?}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const URL: (&str, &str) = ("KV_DATABASE_URL", "mysql://kv:hunter2secret@db:3306/kvstore");
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_vars(&vars(&[URL])).unwrap();
+        assert_eq!(c.listen_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9090");
+        assert_eq!(c.max_value_bytes, 1 << 20);
+        assert_eq!(c.cache_ttl, Duration::from_secs(30));
+        assert_eq!(c.invalidation_interval, Duration::from_millis(250));
+        assert!(!c.auth_enabled());
+        assert_eq!(c.database.db_name(), "kvstore");
+    }
+
+    #[test]
+    fn missing_or_malformed_url_is_one_sentence_without_the_password() {
+        let e = Config::from_vars(&vars(&[])).unwrap_err().0;
+        assert!(e.contains("KV_DATABASE_URL is required"), "{e}");
+        let e = Config::from_vars(&vars(&[("KV_DATABASE_URL", "postgres://u:topsecret@h/db")]))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("KV_DATABASE_URL") && !e.contains("topsecret"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn password_never_in_debug() {
+        let c = Config::from_vars(&vars(&[
+            URL,
+            ("KV_DATABASE_PASSWORD", "otherpassword42"),
+            ("KV_API_TOKENS", "token-aaaaaaaaaaaaaaaa,token-bbbbbbbbbbbbbbbb"),
+        ]))
+        .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2secret"), "{dbg}");
+        assert!(!dbg.contains("otherpassword42"), "{dbg}");
+        assert!(!dbg.contains("token-aaaa"), "{dbg}");
+        assert_eq!(c.api_tokens.len(), 2);
+        assert_eq!(c.database.opts().pass(), Some("otherpassword42"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (name, value) in [
+            ("KV_LISTEN_ADDR", "nope"),
+            ("KV_CACHE_TTL", "forever"),
+            ("KV_CACHE_TTL", "0s"),
+            ("KV_MAX_VALUE_BYTES", "0"),
+            ("KV_MAX_VALUE_BYTES", "999999999"),
+            ("KV_DB_POOL_MAX", "0"),
+            ("KV_AUTH_READS", "maybe"),
+            ("KV_LOG_LEVEL", "loud"),
+            ("KV_API_TOKENS", " , "),
+        ] {
+            let e = Config::from_vars(&vars(&[URL, (name, value)])).unwrap_err().0;
+            assert!(e.contains(name) || e.contains("token"), "{name}={value}: {e}");
+        }
+        let e = Config::from_vars(&vars(&[URL, ("KV_DB_POOL_MIN", "20"), ("KV_DB_POOL_MAX", "4")]))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("KV_DB_POOL_MIN"), "{e}");
+    }
+
+    #[test]
+    fn tokens_from_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        std::fs::write(&path, "# comment\nfile-token-0123456789\n\n").unwrap();
+        let c = Config::from_vars(&vars(&[URL, ("KV_API_TOKENS_FILE", path.to_str().unwrap())]))
+            .unwrap();
+        assert_eq!(c.api_tokens, vec![Secret("file-token-0123456789".into())]);
+    }
+}

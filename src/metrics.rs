@@ -1,0 +1,233 @@
+//! The Prometheus registry and every metric the service exports (README "Observability").
+//!
+//! Labels are bounded: HTTP metrics are labelled by method, route *template* and status
+//! class, database metrics by operation — never by key.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+const HTTP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Database operations, the `operation` label of the database metrics.
+pub const DB_OPERATIONS: &[&str] =
+    &["get", "list", "upsert", "delete", "stats", "ping", "purge", "poll", "migrate"];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub http_in_flight: IntGauge,
+    pub cache_hits: IntCounter,
+    pub cache_misses: IntCounter,
+    pub cache_entries: IntGauge,
+    pub cache_size_bytes: IntGauge,
+    pub cache_capacity_bytes: IntGauge,
+    pub cache_evictions: IntCounterVec,
+    pub cache_invalidations: IntCounter,
+    pub db_duration: HistogramVec,
+    pub db_errors: IntCounterVec,
+    pub db_pool_in_use: IntGauge,
+    pub db_pool_max: IntGauge,
+    pub db_pool_waiting: IntGauge,
+    pub db_up: IntGauge,
+    pub ready: IntGauge,
+    pub writes: IntCounterVec,
+    pub expired_purged: IntCounter,
+}
+
+impl Metrics {
+    pub fn new(version: &str, revision: &str) -> Metrics {
+        let registry = Registry::new();
+        let r = &registry;
+        let build_info = reg(
+            r,
+            IntGaugeVec::new(
+                Opts::new("kvstore_build_info", "Build information; always 1."),
+                &["version", "revision"],
+            ),
+        );
+        build_info.with_label_values(&[version, revision]).set(1);
+
+        let http_labels = &["method", "route", "status_class"];
+        let db_buckets = HTTP_BUCKETS.to_vec();
+        let m = Metrics {
+            http_requests: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("kvstore_http_requests_total", "HTTP requests answered."),
+                    http_labels,
+                ),
+            ),
+            http_duration: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "kvstore_http_request_duration_seconds",
+                        "Time from request head received to response head ready.",
+                    )
+                    .buckets(HTTP_BUCKETS.to_vec()),
+                    http_labels,
+                ),
+            ),
+            http_in_flight: reg(
+                r,
+                IntGauge::new("kvstore_http_requests_in_flight", "HTTP requests being served."),
+            ),
+            cache_hits: reg(
+                r,
+                IntCounter::new("kvstore_cache_hits_total", "Reads answered from the cache."),
+            ),
+            cache_misses: reg(
+                r,
+                IntCounter::new(
+                    "kvstore_cache_misses_total",
+                    "Reads that queried the database (misses and Cache-Control: no-cache bypasses).",
+                ),
+            ),
+            cache_entries: reg(
+                r,
+                IntGauge::new("kvstore_cache_entries", "Entries in the cache (incl. negative)."),
+            ),
+            cache_size_bytes: reg(
+                r,
+                IntGauge::new("kvstore_cache_size_bytes", "Weighted size of the cache in bytes."),
+            ),
+            cache_capacity_bytes: reg(
+                r,
+                IntGauge::new("kvstore_cache_capacity_bytes", "The cache's byte budget."),
+            ),
+            cache_evictions: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kvstore_cache_evictions_total",
+                        "Entries evicted from the cache, by cause (size or expired).",
+                    ),
+                    &["cause"],
+                ),
+            ),
+            cache_invalidations: reg(
+                r,
+                IntCounter::new(
+                    "kvstore_cache_invalidations_total",
+                    "Cached entries dropped because another replica changed the key.",
+                ),
+            ),
+            db_duration: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "kvstore_db_query_duration_seconds",
+                        "Database operation latency (incl. waiting for a connection).",
+                    )
+                    .buckets(db_buckets),
+                    &["operation"],
+                ),
+            ),
+            db_errors: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("kvstore_db_errors_total", "Failed database operations."),
+                    &["operation"],
+                ),
+            ),
+            db_pool_in_use: reg(
+                r,
+                IntGauge::new(
+                    "kvstore_db_pool_connections_in_use",
+                    "Pool connections currently checked out.",
+                ),
+            ),
+            db_pool_max: reg(
+                r,
+                IntGauge::new("kvstore_db_pool_connections_max", "Pool size limit."),
+            ),
+            db_pool_waiting: reg(
+                r,
+                IntGauge::new("kvstore_db_pool_waiting", "Operations waiting for a connection."),
+            ),
+            db_up: reg(
+                r,
+                IntGauge::new("kvstore_db_up", "1 if the last database ping succeeded."),
+            ),
+            ready: reg(r, IntGauge::new("kvstore_ready", "1 if /readyz answers 200.")),
+            writes: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "kvstore_writes_total",
+                        "Acknowledged writes on this instance (upsert, delete).",
+                    ),
+                    &["operation"],
+                ),
+            ),
+            expired_purged: reg(
+                r,
+                IntCounter::new(
+                    "kvstore_expired_purged_total",
+                    "Expired entries removed by the background purge.",
+                ),
+            ),
+            registry,
+        };
+        // Pre-create the bounded label sets so dashboards and alerts see zeros, not gaps.
+        for op in DB_OPERATIONS {
+            m.db_errors.with_label_values(&[op]);
+        }
+        for cause in ["size", "expired"] {
+            m.cache_evictions.with_label_values(&[cause]);
+        }
+        for op in ["upsert", "delete"] {
+            m.writes.with_label_values(&[op]);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    pub fn db_timer(&self, operation: &'static str) -> prometheus::HistogramTimer {
+        self.db_duration.with_label_values(&[operation]).start_timer()
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+/// HTTP method label, bounded.
+pub fn method_label(m: &warp::http::Method) -> &'static str {
+    match m.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "PUT" => "PUT",
+        "POST" => "POST",
+        "DELETE" => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: prometheus::Result<C>) -> C {
+    let c = c.expect("metric definition is valid");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}

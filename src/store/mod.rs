@@ -1,0 +1,588 @@
+//! Everything that speaks SQL: the pool, point reads, listing, the write transaction with its
+//! counter and change-log rows, stats, the expiry purge and the change-log poll.
+//!
+//! Every operation gets a connection within `KV_DB_ACQUIRE_TIMEOUT` and finishes within
+//! `KV_DB_QUERY_TIMEOUT`, or fails with [`DbError::Timeout`] (→ 503).
+
+pub mod migrations;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Pool, Row, TxOpts, Value};
+
+use crate::config::Config;
+use crate::error::DbError;
+use crate::metrics::Metrics;
+use crate::time::{self, Micros};
+
+/// Rows of `kv_write_counter`; a write bumps one at random (see sql/0001_schema.sql).
+const COUNTER_SLOTS: u64 = 64;
+/// How many times a write is retried after a deadlock or a racing create.
+const WRITE_ATTEMPTS: usize = 4;
+
+/// One stored entry, as the database has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    /// Compact JSON text.
+    pub value: String,
+    pub version: u64,
+    /// Id of the change-log row of the last write: unique across all writes ever.
+    pub rev: u64,
+    pub created_at: Micros,
+    pub updated_at: Micros,
+    pub expires_at: Option<Micros>,
+}
+
+impl Entry {
+    /// Strong validator: the revision is never reused, so no ABA across delete + re-create.
+    pub fn etag(&self) -> String {
+        etag_of(self.rev)
+    }
+}
+
+pub fn etag_of(rev: u64) -> String {
+    format!("\"{rev}\"")
+}
+
+impl Entry {
+    /// The entry's JSON document, as every endpoint returns it.
+    pub fn to_json(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            key: &'a str,
+            value: &'a serde_json::value::RawValue,
+            version: u64,
+            created_at: String,
+            updated_at: String,
+            expires_at: Option<String>,
+        }
+        let null: &serde_json::value::RawValue = serde_json::from_str("null").expect("null");
+        let value = serde_json::from_str(&self.value).unwrap_or(null);
+        let doc = Doc {
+            key: &self.key,
+            value,
+            version: self.version,
+            created_at: time::rfc3339_micros(self.created_at),
+            updated_at: time::rfc3339_micros(self.updated_at),
+            expires_at: self.expires_at.map(time::rfc3339_micros),
+        };
+        serde_json::to_vec(&doc).expect("entry serializes")
+    }
+}
+
+/// Conditions of a write (`If-Match` / `If-None-Match: *`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Precondition {
+    #[default]
+    None,
+    /// `If-Match`: one of these ETags (or `*` = any) must be current.
+    IfMatch(Vec<String>),
+    /// `If-None-Match`: `*` = the key must not exist; else none of these ETags is current.
+    IfNoneMatch(Vec<String>),
+}
+
+impl Precondition {
+    fn allows(&self, current: Option<u64>) -> bool {
+        match (self, current) {
+            (Precondition::None, _) => true,
+            (Precondition::IfMatch(_), None) => false,
+            (Precondition::IfMatch(tags), Some(rev)) => {
+                let etag = etag_of(rev);
+                tags.iter().any(|t| t == "*" || *t == etag)
+            }
+            (Precondition::IfNoneMatch(_), None) => true,
+            (Precondition::IfNoneMatch(tags), Some(rev)) => {
+                let etag = etag_of(rev);
+                !tags.iter().any(|t| t == "*" || *t == etag)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum WriteOutcome {
+    Created(Entry),
+    Replaced(Entry),
+    /// Deleted; carries the revision of the delete (for cache ordering).
+    Deleted { rev: u64 },
+    NotFound,
+    PreconditionFailed,
+}
+
+/// A row of the change log.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub id: u64,
+    pub key: String,
+    pub origin: u64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    acquire_timeout: Duration,
+    query_timeout: Duration,
+    connect_timeout: Duration,
+    /// This process's id in the change log, so it can skip its own changes.
+    origin: u64,
+}
+
+impl Store {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Store {
+        metrics.db_pool_max.set(config.db_pool_max as i64);
+        Store {
+            pool: Pool::new(config.database.opts().clone()),
+            metrics,
+            acquire_timeout: config.db_acquire_timeout,
+            query_timeout: config.db_query_timeout,
+            connect_timeout: config.db_connect_timeout,
+            origin: uuid::Uuid::new_v4().as_u64_pair().0 >> 1,
+        }
+    }
+
+    pub fn origin(&self) -> u64 {
+        self.origin
+    }
+
+    /// Closes every pooled connection (after the HTTP drain, at shutdown).
+    pub async fn close(self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.pool.disconnect()).await;
+    }
+
+    /// Runs `f` on a pooled connection with the acquire and query timeouts, records the
+    /// operation's latency and errors, and retries deadlocks / racing creates.
+    async fn run<'a, T, F>(&self, operation: &'static str, mut f: F) -> Result<T, DbError>
+    where
+        F: FnMut(Conn) -> BoxFuture<'a, Result<T, mysql_async::Error>>,
+    {
+        let _timer = self.metrics.db_timer(operation);
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let r = self.once(&mut f).await;
+            match r {
+                Err(e) if e.is_retryable() && attempt < WRITE_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(2 * attempt as u64)).await;
+                }
+                other => break other,
+            }
+        };
+        if result.is_err() {
+            self.metrics.db_errors.with_label_values(&[operation]).inc();
+        }
+        result
+    }
+
+    async fn once<'a, T, F>(&self, f: &mut F) -> Result<T, DbError>
+    where
+        F: FnMut(Conn) -> BoxFuture<'a, Result<T, mysql_async::Error>>,
+    {
+        let conn = self.acquire(self.acquire_timeout).await?;
+        let _in_use = InUse::new(&self.metrics);
+        match tokio::time::timeout(self.query_timeout, f(conn)).await {
+            Ok(r) => r.map_err(DbError::from),
+            Err(_) => Err(DbError::Timeout("query")),
+        }
+    }
+
+    async fn acquire(&self, within: Duration) -> Result<Conn, DbError> {
+        self.metrics.db_pool_waiting.inc();
+        let r = tokio::time::timeout(within, self.pool.get_conn()).await;
+        self.metrics.db_pool_waiting.dec();
+        match r {
+            Err(_) => Err(DbError::Timeout("connection")),
+            Ok(r) => r.map_err(DbError::from),
+        }
+    }
+
+    /// A cheap round trip, bounded by `KV_DB_CONNECT_TIMEOUT` (readiness, `/`).
+    pub async fn ping(&self) -> Result<(), DbError> {
+        let _timer = self.metrics.db_timer("ping");
+        let within = self.connect_timeout;
+        let r = tokio::time::timeout(within, async {
+            let mut conn = self.acquire(within).await?;
+            conn.ping().await.map_err(DbError::from)
+        })
+        .await
+        .unwrap_or(Err(DbError::Timeout("ping")));
+        if r.is_err() {
+            self.metrics.db_errors.with_label_values(&["ping"]).inc();
+        }
+        r
+    }
+
+    /// Applies pending migrations under a named lock (see `migrations`).
+    pub async fn migrate(&self) -> Result<Vec<u32>, DbError> {
+        let _timer = self.metrics.db_timer("migrate");
+        let mut conn = self.acquire(self.connect_timeout).await?;
+        migrations::apply(&mut conn).await.map_err(DbError::from)
+    }
+
+    /// Point read of a live (not expired) entry.
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, DbError> {
+        let now = time::now_micros();
+        self.run("get", |mut conn: Conn| Box::pin(async move {
+                let row: Option<Row> = conn
+                    .exec_first(
+                        "SELECT k, v, version, rev, created_at, updated_at, expires_at \
+                         FROM kv_entries WHERE k = ? AND (expires_at IS NULL OR expires_at > ?)",
+                        (key.as_bytes(), time::to_sql(now)),
+                    )
+                    .await?;
+                row.map(entry_from_row).transpose()
+        }))
+        .await
+    }
+
+    /// Live entries with `prefix`, strictly after `after` (if any), in key byte order.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, DbError> {
+        let now = time::now_micros();
+        let upper = prefix_upper_bound(prefix.as_bytes());
+        let mut sql = String::from(
+            "SELECT k, v, version, rev, created_at, updated_at, expires_at FROM kv_entries WHERE ",
+        );
+        let mut params: Vec<Value> = Vec::with_capacity(4);
+        match after {
+            Some(a) if a.as_bytes() >= prefix.as_bytes() => {
+                sql.push_str("k > ?");
+                params.push(Value::Bytes(a.as_bytes().to_vec()));
+            }
+            _ => {
+                sql.push_str("k >= ?");
+                params.push(Value::Bytes(prefix.as_bytes().to_vec()));
+            }
+        }
+        if let Some(u) = upper {
+            sql.push_str(" AND k < ?");
+            params.push(Value::Bytes(u));
+        }
+        sql.push_str(" AND (expires_at IS NULL OR expires_at > ?) ORDER BY k LIMIT ?");
+        params.push(time::to_sql(now));
+        params.push(Value::UInt(limit as u64));
+        let (sql, params) = (sql.as_str(), &params);
+        self.run("list", |mut conn: Conn| Box::pin(async move {
+            let rows: Vec<Row> = conn.exec(sql, params.clone()).await?;
+            rows.into_iter().map(entry_from_row).collect()
+        }))
+        .await
+    }
+
+    /// Upsert in one transaction: lock the row, check the precondition, log the change,
+    /// write the entry, count the write. Returns only after COMMIT.
+    pub async fn upsert(
+        &self,
+        key: &str,
+        value: &str,
+        ttl_seconds: Option<u32>,
+        pre: &Precondition,
+    ) -> Result<WriteOutcome, DbError> {
+        let origin = self.origin;
+        self.run("upsert", |mut conn: Conn| Box::pin(async move {
+                let now = time::now_micros();
+                let expires_at = ttl_seconds.map(|t| now + i64::from(t) * 1_000_000);
+                let mut tx = conn.start_transaction(TxOpts::default()).await?;
+                let current = lock_row(&mut tx, key).await?;
+                let live = current.filter(|c| c.is_live(now));
+                if !pre.allows(live.map(|c| c.rev)) {
+                    tx.rollback().await?;
+                    return Ok(WriteOutcome::PreconditionFailed);
+                }
+                let rev = log_change(&mut tx, key, origin, now).await?;
+                let (version, created_at) = match live {
+                    Some(c) => (c.version + 1, c.created_at),
+                    None => (1, now),
+                };
+                let params = (
+                    value.as_bytes(),
+                    version,
+                    rev,
+                    time::to_sql(created_at),
+                    time::to_sql(now),
+                    expires_at.map(time::to_sql).unwrap_or(Value::NULL),
+                    key.as_bytes(),
+                );
+                if current.is_some() {
+                    tx.exec_drop(
+                        "UPDATE kv_entries SET v = ?, version = ?, rev = ?, created_at = ?, \
+                         updated_at = ?, expires_at = ? WHERE k = ?",
+                        params,
+                    )
+                    .await?;
+                } else {
+                    tx.exec_drop(
+                        "INSERT INTO kv_entries (v, version, rev, created_at, updated_at, \
+                         expires_at, k) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        params,
+                    )
+                    .await?;
+                }
+                let slot = uuid::Uuid::new_v4().as_u64_pair().0 % COUNTER_SLOTS;
+                tx.exec_drop("UPDATE kv_write_counter SET n = n + 1 WHERE slot = ?", (slot,))
+                    .await?;
+                tx.commit().await?;
+                let entry = Entry {
+                    key: key.to_owned(),
+                    value: value.to_owned(),
+                    version,
+                    rev,
+                    created_at,
+                    updated_at: now,
+                    expires_at,
+                };
+                Ok(if live.is_some() {
+                    WriteOutcome::Replaced(entry)
+                } else {
+                    WriteOutcome::Created(entry)
+                })
+        }))
+        .await
+    }
+
+    /// Delete in one transaction (with the precondition and the change-log row).
+    pub async fn delete(&self, key: &str, pre: &Precondition) -> Result<WriteOutcome, DbError> {
+        let origin = self.origin;
+        self.run("delete", |mut conn: Conn| Box::pin(async move {
+                let now = time::now_micros();
+                let mut tx = conn.start_transaction(TxOpts::default()).await?;
+                let current = lock_row(&mut tx, key).await?;
+                let live = current.filter(|c| c.is_live(now));
+                if !pre.allows(live.map(|c| c.rev)) {
+                    tx.rollback().await?;
+                    return Ok(WriteOutcome::PreconditionFailed);
+                }
+                if current.is_none() {
+                    tx.rollback().await?;
+                    return Ok(WriteOutcome::NotFound);
+                }
+                let rev = log_change(&mut tx, key, origin, now).await?;
+                tx.exec_drop("DELETE FROM kv_entries WHERE k = ?", (key.as_bytes(),)).await?;
+                tx.commit().await?;
+                // An expired row is removed too, but to the client it was already gone.
+                Ok(if live.is_some() { WriteOutcome::Deleted { rev } } else { WriteOutcome::NotFound })
+        }))
+        .await
+    }
+
+    /// `(live keys, writes_total)`.
+    pub async fn stats(&self) -> Result<(u64, u64), DbError> {
+        let now = time::now_micros();
+        self.run("stats", |mut conn: Conn| Box::pin(async move {
+                let row: Option<(u64, u64)> = conn
+                    .exec_first(
+                        "SELECT (SELECT COUNT(*) FROM kv_entries \
+                                 WHERE expires_at IS NULL OR expires_at > ?), \
+                                CAST((SELECT COALESCE(SUM(n), 0) FROM kv_write_counter) AS UNSIGNED)",
+                        (time::to_sql(now),),
+                    )
+                    .await?;
+                Ok(row.unwrap_or((0, 0)))
+        }))
+        .await
+    }
+
+    /// Deletes expired entries (in batches) and change-log rows older than `keep_changes`.
+    pub async fn purge(&self, keep_changes: Duration) -> Result<u64, DbError> {
+        let mut purged = 0;
+        for _ in 0..100 {
+            let now = time::now_micros();
+            let n = self
+                .run("purge", |mut conn: Conn| Box::pin(async move {
+                        conn.exec_drop(
+                            "DELETE FROM kv_entries WHERE expires_at <= ? LIMIT 1000",
+                            (time::to_sql(now),),
+                        )
+                        .await?;
+                        Ok(conn.affected_rows())
+                }))
+                .await?;
+            purged += n;
+            if n < 1000 {
+                break;
+            }
+        }
+        let cutoff = time::now_micros() - keep_changes.as_micros() as i64;
+        self.run("purge", |mut conn: Conn| Box::pin(async move {
+                conn.exec_drop(
+                    "DELETE FROM kv_changes WHERE changed_at < ? LIMIT 10000",
+                    (time::to_sql(cutoff),),
+                )
+                .await
+        }))
+        .await?;
+        Ok(purged)
+    }
+
+    /// The newest change-log id (where a new poller starts).
+    pub async fn last_change_id(&self) -> Result<u64, DbError> {
+        self.run("poll", |mut conn: Conn| Box::pin(async move {
+                let id: Option<Option<u64>> =
+                    conn.query_first("SELECT MAX(id) FROM kv_changes").await?;
+                Ok(id.flatten().unwrap_or(0))
+        }))
+        .await
+    }
+
+    /// Change-log rows after `after`, plus any of the `gaps` ids that have committed since.
+    pub async fn changes_since(&self, after: u64, gaps: &[u64]) -> Result<Vec<Change>, DbError> {
+        let mut sql = String::from("SELECT id, k, origin FROM kv_changes WHERE id > ?");
+        let mut params = vec![Value::UInt(after)];
+        if !gaps.is_empty() {
+            sql.push_str(" OR id IN (");
+            for (i, g) in gaps.iter().enumerate() {
+                sql.push_str(if i == 0 { "?" } else { ", ?" });
+                params.push(Value::UInt(*g));
+            }
+            sql.push(')');
+        }
+        sql.push_str(" ORDER BY id LIMIT 10000");
+        let (sql, params) = (sql.as_str(), &params);
+        self.run("poll", |mut conn: Conn| Box::pin(async move {
+                let rows: Vec<(u64, Vec<u8>, u64)> = conn.exec(sql, params.clone()).await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, k, origin)| Change {
+                        id,
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        origin,
+                    })
+                    .collect())
+        }))
+        .await
+    }
+}
+
+/// Counts a checked-out connection for the pool gauge, even if the future is dropped.
+struct InUse<'a>(&'a Metrics);
+
+impl<'a> InUse<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.db_pool_in_use.inc();
+        InUse(m)
+    }
+}
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        self.0.db_pool_in_use.dec();
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Current {
+    rev: u64,
+    version: u64,
+    created_at: Micros,
+    expires_at: Option<Micros>,
+}
+
+impl Current {
+    fn is_live(&self, now: Micros) -> bool {
+        self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+async fn lock_row(
+    tx: &mut mysql_async::Transaction<'_>,
+    key: &str,
+) -> Result<Option<Current>, mysql_async::Error> {
+    let row: Option<(u64, u64, Value, Value)> = tx
+        .exec_first(
+            "SELECT rev, version, created_at, expires_at FROM kv_entries WHERE k = ? FOR UPDATE",
+            (key.as_bytes(),),
+        )
+        .await?;
+    Ok(row.map(|(rev, version, created, expires)| Current {
+        rev,
+        version,
+        created_at: time::from_sql(&created).unwrap_or(0),
+        expires_at: time::from_sql(&expires),
+    }))
+}
+
+async fn log_change(
+    tx: &mut mysql_async::Transaction<'_>,
+    key: &str,
+    origin: u64,
+    now: Micros,
+) -> Result<u64, mysql_async::Error> {
+    tx.exec_drop(
+        "INSERT INTO kv_changes (k, origin, changed_at) VALUES (?, ?, ?)",
+        (key.as_bytes(), origin, time::to_sql(now)),
+    )
+    .await?;
+    tx.last_insert_id().ok_or_else(|| {
+        mysql_async::Error::Other("INSERT INTO kv_changes returned no id".into())
+    })
+}
+
+fn entry_from_row(mut row: Row) -> Result<Entry, mysql_async::Error> {
+    let bad = |what: &str| mysql_async::Error::Other(format!("unexpected {what} in kv_entries").into());
+    let key: Vec<u8> = row.take(0).ok_or_else(|| bad("key"))?;
+    let value: Vec<u8> = row.take(1).ok_or_else(|| bad("value"))?;
+    let version: u64 = row.take(2).ok_or_else(|| bad("version"))?;
+    let rev: u64 = row.take(3).ok_or_else(|| bad("rev"))?;
+    let created: Value = row.take(4).ok_or_else(|| bad("created_at"))?;
+    let updated: Value = row.take(5).ok_or_else(|| bad("updated_at"))?;
+    let expires: Value = row.take(6).ok_or_else(|| bad("expires_at"))?;
+    Ok(Entry {
+        key: String::from_utf8(key).map_err(|_| bad("non-UTF-8 key"))?,
+        value: String::from_utf8(value).map_err(|_| bad("non-UTF-8 value"))?,
+        version,
+        rev,
+        created_at: time::from_sql(&created).ok_or_else(|| bad("created_at"))?,
+        updated_at: time::from_sql(&updated).ok_or_else(|| bad("updated_at"))?,
+        expires_at: time::from_sql(&expires),
+    })
+}
+
+/// The smallest byte string greater than every string starting with `prefix`
+/// (`None` when there is none: empty prefix, or all 0xFF).
+pub fn prefix_upper_bound(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut upper = prefix.to_vec();
+    while let Some(last) = upper.pop() {
+        if last < 0xFF {
+            upper.push(last + 1);
+            return Some(upper);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upper_bound() {
+        assert_eq!(prefix_upper_bound(b""), None);
+        assert_eq!(prefix_upper_bound(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_upper_bound(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_upper_bound(b"\xff\xff"), None);
+    }
+
+    #[test]
+    fn preconditions() {
+        let m = Precondition::IfMatch(vec!["\"7\"".into()]);
+        assert!(m.allows(Some(7)));
+        assert!(!m.allows(Some(8)));
+        assert!(!m.allows(None));
+        assert!(Precondition::IfMatch(vec!["*".into()]).allows(Some(1)));
+        let any = Precondition::IfNoneMatch(vec!["*".into()]);
+        assert!(any.allows(None));
+        assert!(!any.allows(Some(1)));
+        let not7 = Precondition::IfNoneMatch(vec!["\"7\"".into()]);
+        assert!(not7.allows(Some(8)));
+        assert!(!not7.allows(Some(7)));
+        assert!(Precondition::None.allows(None));
+    }
+}

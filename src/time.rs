@@ -1,0 +1,84 @@
+//! Timestamps: microseconds since the Unix epoch (UTC) everywhere inside the service,
+//! RFC 3339 with microseconds on the wire, DATETIME(6) in MySQL, HTTP-date in headers.
+
+use mysql_async::Value;
+use time::macros::format_description;
+use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time};
+
+pub type Micros = i64;
+
+pub fn now_micros() -> Micros {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_micros() as Micros
+}
+
+fn to_datetime(us: Micros) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(us as i128 * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// `2026-11-22T19:54:48.123456Z`
+pub fn rfc3339_micros(us: Micros) -> String {
+    let fmt = format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    to_datetime(us).format(fmt).unwrap_or_default()
+}
+
+/// `Sun, 22 Nov 2026 19:54:48 GMT` (RFC 9110 IMF-fixdate)
+pub fn http_date(us: Micros) -> String {
+    let fmt = format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    to_datetime(us).format(fmt).unwrap_or_default()
+}
+
+/// A DATETIME(6) parameter.
+pub fn to_sql(us: Micros) -> Value {
+    let dt = to_datetime(us);
+    Value::Date(
+        dt.year() as u16,
+        dt.month() as u8,
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.microsecond(),
+    )
+}
+
+/// A DATETIME(6) column (binary or text protocol).
+pub fn from_sql(v: &Value) -> Option<Micros> {
+    match v {
+        Value::Date(y, mo, d, h, mi, s, us) => {
+            let date = Date::from_calendar_date(*y as i32, Month::try_from(*mo).ok()?, *d).ok()?;
+            let time = Time::from_hms_micro(*h, *mi, *s, *us).ok()?;
+            let ns = PrimitiveDateTime::new(date, time).assume_utc().unix_timestamp_nanos();
+            Some((ns / 1000) as Micros)
+        }
+        Value::Bytes(b) => {
+            let s = std::str::from_utf8(b).ok()?;
+            let fmt = format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second][optional [.[subsecond]]]"
+            );
+            let ns = PrimitiveDateTime::parse(s, fmt).ok()?.assume_utc().unix_timestamp_nanos();
+            Some((ns / 1000) as Micros)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        let us = 1_795_377_288_123_456; // 2026-11-22T19:54:48.123456Z
+        assert_eq!(rfc3339_micros(us), "2026-11-22T19:54:48.123456Z");
+        assert_eq!(http_date(us), "Sun, 22 Nov 2026 19:54:48 GMT");
+        assert_eq!(from_sql(&to_sql(us)), Some(us));
+        assert_eq!(from_sql(&Value::Bytes(b"2026-11-22 19:54:48.123456".to_vec())), Some(us));
+    }
+}
