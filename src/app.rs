@@ -162,14 +162,23 @@ pub async fn start(config: Config, log: Logger) -> std::io::Result<Running> {
         info!(log, "shutdown: database pool closed; exiting");
     });
 
-    Ok(Running { http_addr, metrics_addr, state, shutdown: shutdown_tx, done })
+    Ok(Running {
+        http_addr,
+        metrics_addr,
+        state,
+        shutdown: shutdown_tx,
+        done,
+    })
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down in order. A second signal exits at once.
 pub async fn run_until_signal(config: Config, log: Logger) -> std::io::Result<()> {
     let running = start(config, log.clone()).await?;
     wait_for_signal().await;
-    info!(log, "signal received: shutting down gracefully (send it again to exit at once)");
+    info!(
+        log,
+        "signal received: shutting down gracefully (send it again to exit at once)"
+    );
     running.trigger_shutdown();
     let second = tokio::spawn({
         let log = log.clone();
@@ -231,7 +240,10 @@ async fn accept_loop<H, F>(
     F: std::future::Future<Output = Result<Response, Infallible>> + Send + 'static,
 {
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
     loop {
         let stream = tokio::select! {
             _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
@@ -301,7 +313,10 @@ async fn health_loop(state: Arc<State>) {
         let up = state.store.ping().await.is_ok();
         state.health.db_up.store(up, Ordering::SeqCst);
         state.metrics.db_up.set(i64::from(up));
-        state.metrics.ready.set(i64::from(state.health.not_ready_reason().is_none()));
+        state
+            .metrics
+            .ready
+            .set(i64::from(state.health.not_ready_reason().is_none()));
         if was_up != Some(up) {
             if up {
                 info!(state.log, "database is reachable");

@@ -68,7 +68,11 @@ struct Slot {
 
 impl Slot {
     fn fresh(&self, now: Instant) -> bool {
-        self.deadline > now && !self.item.as_ref().is_some_and(|i| i.is_expired(time::now_micros()))
+        self.deadline > now
+            && !self
+                .item
+                .as_ref()
+                .is_some_and(|i| i.is_expired(time::now_micros()))
     }
 }
 
@@ -148,12 +152,21 @@ impl Cache {
 
     fn slot(&self, item: Option<Arc<CachedEntry>>, rev: u64) -> Slot {
         let now = Instant::now();
-        let mut deadline = now + if item.is_some() { self.ttl } else { self.negative_ttl };
+        let mut deadline = now
+            + if item.is_some() {
+                self.ttl
+            } else {
+                self.negative_ttl
+            };
         if let Some(exp) = item.as_ref().and_then(|i| i.expires_at) {
             let left = (exp - time::now_micros()).max(0) as u64;
             deadline = deadline.min(now + Duration::from_micros(left));
         }
-        Slot { item, rev, deadline }
+        Slot {
+            item,
+            rev,
+            deadline,
+        }
     }
 
     /// Reads `key` through the cache. `bypass` (`Cache-Control: no-cache`) always queries
@@ -179,7 +192,11 @@ impl Cache {
             .inner
             .entry_by_ref(key)
             .and_compute_with(|existing| async move {
-                if !bypass && existing.as_ref().is_some_and(|e| e.value().fresh(Instant::now())) {
+                if !bypass
+                    && existing
+                        .as_ref()
+                        .is_some_and(|e| e.value().fresh(Instant::now()))
+                {
                     // Another reader loaded it while we waited for the key's lock.
                     return Op::Nop;
                 }
@@ -253,8 +270,12 @@ impl Cache {
     /// Refreshes the cache gauges (called on each scrape).
     pub async fn update_gauges(&self) {
         self.inner.run_pending_tasks().await;
-        self.metrics.cache_entries.set(self.inner.entry_count() as i64);
-        self.metrics.cache_size_bytes.set(self.inner.weighted_size() as i64);
+        self.metrics
+            .cache_entries
+            .set(self.inner.entry_count() as i64);
+        self.metrics
+            .cache_size_bytes
+            .set(self.inner.weighted_size() as i64);
     }
 
     pub fn entry_count(&self) -> u64 {

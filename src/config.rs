@@ -116,8 +116,9 @@ pub struct Config {
 impl Config {
     /// Reads the configuration from the process environment.
     pub fn from_env() -> Result<Config, ConfigError> {
-        let vars: HashMap<String, String> =
-            std::env::vars().filter(|(k, _)| k.starts_with("KV_")).collect();
+        let vars: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("KV_"))
+            .collect();
         Config::from_vars(&vars)
     }
 
@@ -137,15 +138,16 @@ impl Config {
             api_tokens.extend(split_tokens(list.split(',')));
         }
         if let Some(path) = env.get("KV_API_TOKENS_FILE") {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                err(format!("KV_API_TOKENS_FILE: cannot read {path}: {e}"))
-            })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| err(format!("KV_API_TOKENS_FILE: cannot read {path}: {e}")))?;
             api_tokens.extend(split_tokens(text.lines()));
         }
         if (env.get("KV_API_TOKENS").is_some() || env.get("KV_API_TOKENS_FILE").is_some())
             && api_tokens.is_empty()
         {
-            return Err(err("KV_API_TOKENS / KV_API_TOKENS_FILE is set but holds no token"));
+            return Err(err(
+                "KV_API_TOKENS / KV_API_TOKENS_FILE is set but holds no token",
+            ));
         }
 
         let max_value_bytes = env.parse("KV_MAX_VALUE_BYTES", 1024 * 1024usize)?;
@@ -209,7 +211,9 @@ impl Config {
             )));
         }
         if self.cache_max_bytes < 64 * 1024 && self.cache_max_bytes != 0 {
-            return Err(err("KV_CACHE_MAX_BYTES must be 0 (cache off) or at least 65536"));
+            return Err(err(
+                "KV_CACHE_MAX_BYTES must be 0 (cache off) or at least 65536",
+            ));
         }
         Ok(())
     }
@@ -224,7 +228,9 @@ fn err(msg: impl Into<String>) -> ConfigError {
     ConfigError(msg.into())
 }
 
-fn split_tokens<'a>(parts: impl Iterator<Item = &'a str> + 'a) -> impl Iterator<Item = Secret> + 'a {
+fn split_tokens<'a>(
+    parts: impl Iterator<Item = &'a str> + 'a,
+) -> impl Iterator<Item = Secret> + 'a {
     parts
         .map(str::trim)
         .filter(|t| !t.is_empty() && !t.starts_with('#'))
@@ -262,10 +268,17 @@ fn database_config(
     let opts = Opts::from_url(url).map_err(|_| bad())?;
     let db = opts.db_name().unwrap_or_default().to_owned();
     if db.is_empty() {
-        return Err(err("KV_DATABASE_URL must name a database, e.g. mysql://user:password@host:3306/kvstore"));
+        return Err(err(
+            "KV_DATABASE_URL must name a database, e.g. mysql://user:password@host:3306/kvstore",
+        ));
     }
-    if !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        return Err(err("the database name in KV_DATABASE_URL may only contain letters, digits, '_' and '-'"));
+    if !db
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(err(
+            "the database name in KV_DATABASE_URL may only contain letters, digits, '_' and '-'",
+        ));
     }
     let display_url = format!(
         "mysql://{}@{}:{}/{}",
@@ -278,7 +291,13 @@ fn database_config(
     let constraints = mysql_async::PoolConstraints::new(pool_min.min(pool_max), pool_max)
         .ok_or_else(|| err("KV_DB_POOL_MIN must not exceed KV_DB_POOL_MAX"))?;
     let mut builder = OptsBuilder::from_opts(opts)
-        .pool_opts(mysql_async::PoolOpts::default().with_constraints(constraints))
+        // No COM_RESET_CONNECTION between uses: the service keeps no session state, and a
+        // reset would drop every prepared statement (a prepare round trip per query).
+        .pool_opts(
+            mysql_async::PoolOpts::default()
+                .with_constraints(constraints)
+                .with_reset_connection(false),
+        )
         // Writes use READ COMMITTED: no gap locks, so concurrent creates of one key do not
         // deadlock; strict mode makes the server refuse rather than truncate.
         .init(vec![
@@ -291,7 +310,10 @@ fn database_config(
     if let Some(pw) = password {
         builder = builder.pass(Some(pw));
     }
-    Ok(DatabaseConfig { display_url, opts: builder.into() })
+    Ok(DatabaseConfig {
+        display_url,
+        opts: builder.into(),
+    })
 }
 
 struct Env<'a>(&'a HashMap<String, String>);
@@ -305,10 +327,13 @@ impl Env<'_> {
         match self.get(name) {
             None => Ok(default),
             Some(raw) => raw.parse().map_err(|_| {
-                err(format!("{name} has an invalid value {raw:?} (expected {})", std::any::type_name::<T>()
-                    .rsplit("::")
-                    .next()
-                    .unwrap_or("a value")))
+                err(format!(
+                    "{name} has an invalid value {raw:?} (expected {})",
+                    std::any::type_name::<T>()
+                        .rsplit("::")
+                        .next()
+                        .unwrap_or("a value")
+                ))
             }),
         }
     }
@@ -325,7 +350,9 @@ impl Env<'_> {
     fn duration(&self, name: &str, default: &str) -> Result<Duration, ConfigError> {
         let raw = self.get(name).unwrap_or(default);
         humantime::parse_duration(raw).map_err(|_| {
-            err(format!("{name} must be a duration such as \"250ms\", \"5s\" or \"1m\", got {raw:?}"))
+            err(format!(
+                "{name} must be a duration such as \"250ms\", \"5s\" or \"1m\", got {raw:?}"
+            ))
         })
     }
 }
@@ -335,10 +362,16 @@ mod tests {
     use super::*;
 
     fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
-    const URL: (&str, &str) = ("KV_DATABASE_URL", "mysql://kv:hunter2secret@db:3306/kvstore");
+    const URL: (&str, &str) = (
+        "KV_DATABASE_URL",
+        "mysql://kv:hunter2secret@db:3306/kvstore",
+    );
 
     #[test]
     fn defaults() {
@@ -359,7 +392,10 @@ mod tests {
         let e = Config::from_vars(&vars(&[("KV_DATABASE_URL", "postgres://u:topsecret@h/db")]))
             .unwrap_err()
             .0;
-        assert!(e.contains("KV_DATABASE_URL") && !e.contains("topsecret"), "{e}");
+        assert!(
+            e.contains("KV_DATABASE_URL") && !e.contains("topsecret"),
+            "{e}"
+        );
         assert!(!e.contains('\n'));
     }
 
@@ -368,7 +404,10 @@ mod tests {
         let c = Config::from_vars(&vars(&[
             URL,
             ("KV_DATABASE_PASSWORD", "otherpassword42"),
-            ("KV_API_TOKENS", "token-aaaaaaaaaaaaaaaa,token-bbbbbbbbbbbbbbbb"),
+            (
+                "KV_API_TOKENS",
+                "token-aaaaaaaaaaaaaaaa,token-bbbbbbbbbbbbbbbb",
+            ),
         ]))
         .unwrap();
         let dbg = format!("{c:?}");
@@ -392,12 +431,21 @@ mod tests {
             ("KV_LOG_LEVEL", "loud"),
             ("KV_API_TOKENS", " , "),
         ] {
-            let e = Config::from_vars(&vars(&[URL, (name, value)])).unwrap_err().0;
-            assert!(e.contains(name) || e.contains("token"), "{name}={value}: {e}");
+            let e = Config::from_vars(&vars(&[URL, (name, value)]))
+                .unwrap_err()
+                .0;
+            assert!(
+                e.contains(name) || e.contains("token"),
+                "{name}={value}: {e}"
+            );
         }
-        let e = Config::from_vars(&vars(&[URL, ("KV_DB_POOL_MIN", "20"), ("KV_DB_POOL_MAX", "4")]))
-            .unwrap_err()
-            .0;
+        let e = Config::from_vars(&vars(&[
+            URL,
+            ("KV_DB_POOL_MIN", "20"),
+            ("KV_DB_POOL_MAX", "4"),
+        ]))
+        .unwrap_err()
+        .0;
         assert!(e.contains("KV_DB_POOL_MIN"), "{e}");
     }
 
@@ -406,8 +454,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens");
         std::fs::write(&path, "# comment\nfile-token-0123456789\n\n").unwrap();
-        let c = Config::from_vars(&vars(&[URL, ("KV_API_TOKENS_FILE", path.to_str().unwrap())]))
-            .unwrap();
+        let c = Config::from_vars(&vars(&[
+            URL,
+            ("KV_API_TOKENS_FILE", path.to_str().unwrap()),
+        ]))
+        .unwrap();
         assert_eq!(c.api_tokens, vec![Secret("file-token-0123456789".into())]);
     }
 }

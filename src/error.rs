@@ -94,7 +94,10 @@ impl ApiError {
         let mut resp = Response::new(body.into());
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
             ApiError::Unauthorized { token_given } => {
@@ -156,7 +159,13 @@ impl std::error::Error for DbError {}
 impl DbError {
     /// Deadlocks and duplicate keys from racing creates are worth one more try.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, DbError::Server { code: 1213 | 1062, .. })
+        matches!(
+            self,
+            DbError::Server {
+                code: 1213 | 1062,
+                ..
+            }
+        )
     }
 
     /// Whether the failure says "the database is not there right now".
@@ -167,7 +176,10 @@ impl DbError {
             // connections, 1053 shutdown in progress, 2006/2013 gone away, 1927 killed,
             // 1290 read-only (failover in progress).
             DbError::Server { code, .. } => {
-                matches!(code, 1205 | 1213 | 1040 | 1053 | 2006 | 2013 | 1927 | 1290 | 1062)
+                matches!(
+                    code,
+                    1205 | 1213 | 1040 | 1053 | 2006 | 2013 | 1927 | 1290 | 1062
+                )
             }
             DbError::Other(_) => false,
         }
@@ -177,7 +189,10 @@ impl DbError {
 impl From<mysql_async::Error> for DbError {
     fn from(e: mysql_async::Error) -> Self {
         match e {
-            mysql_async::Error::Server(s) => DbError::Server { code: s.code, message: s.message },
+            mysql_async::Error::Server(s) => DbError::Server {
+                code: s.code,
+                message: s.message,
+            },
             mysql_async::Error::Io(e) => DbError::Unreachable(e.to_string()),
             mysql_async::Error::Driver(e) => DbError::Unreachable(e.to_string()),
             other => DbError::Other(other.to_string()),
@@ -188,9 +203,7 @@ impl From<mysql_async::Error> for DbError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         if e.is_unavailable() {
-            ApiError::Unavailable(
-                "the database is unreachable or overloaded; retry shortly".into(),
-            )
+            ApiError::Unavailable("the database is unreachable or overloaded; retry shortly".into())
         } else {
             ApiError::Internal(e.to_string())
         }

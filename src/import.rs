@@ -12,25 +12,38 @@ use crate::store::{Precondition, Store, WriteOutcome};
 /// Parses the dataset: `[{"k": v, ...}, ...]` or `{"k": v, ...}`. Values are kept as sent.
 pub fn parse(text: &str) -> Result<Vec<(String, String)>, String> {
     let objects: Vec<BTreeMap<String, Box<RawValue>>> = match text.trim_start().as_bytes().first() {
-        Some(b'[') => serde_json::from_str(text).map_err(|e| format!("not a JSON array of objects: {e}"))?,
-        Some(b'{') => vec![serde_json::from_str(text).map_err(|e| format!("not a JSON object: {e}"))?],
+        Some(b'[') => {
+            serde_json::from_str(text).map_err(|e| format!("not a JSON array of objects: {e}"))?
+        }
+        Some(b'{') => {
+            vec![serde_json::from_str(text).map_err(|e| format!("not a JSON object: {e}"))?]
+        }
         _ => return Err("expected a JSON array of objects or one JSON object".into()),
     };
     let mut out = Vec::new();
     for obj in objects {
         for (k, v) in obj {
             validate_key(&k).map_err(|e| format!("key {k:?}: {e}"))?;
-            out.push((k, compact_json(v.get())));
+            let v =
+                compact_json(v.get()).ok_or_else(|| format!("key {k:?}: value nests too deep"))?;
+            out.push((k, v));
         }
     }
     Ok(out)
 }
 
 /// Writes every pair; returns how many keys were written.
-pub async fn run(store: &Store, pairs: &[(String, String)], max_value_bytes: usize) -> Result<usize, String> {
+pub async fn run(
+    store: &Store,
+    pairs: &[(String, String)],
+    max_value_bytes: usize,
+) -> Result<usize, String> {
     for (k, v) in pairs {
         if v.len() > max_value_bytes {
-            return Err(format!("key {k:?}: value is {} bytes, over KV_MAX_VALUE_BYTES", v.len()));
+            return Err(format!(
+                "key {k:?}: value is {} bytes, over KV_MAX_VALUE_BYTES",
+                v.len()
+            ));
         }
     }
     let mut written = 0;
@@ -50,7 +63,9 @@ mod tests {
 
     #[test]
     fn seed_format() {
-        let pairs = parse("[\n {\"Homer\": \"Simpson\", \"n\": [1, 2]},\n {\"x\": {\"b\":1,\"a\":2}}\n]").unwrap();
+        let pairs =
+            parse("[\n {\"Homer\": \"Simpson\", \"n\": [1, 2]},\n {\"x\": {\"b\":1,\"a\":2}}\n]")
+                .unwrap();
         assert_eq!(
             pairs,
             vec![
@@ -59,7 +74,10 @@ mod tests {
                 ("x".into(), "{\"b\":1,\"a\":2}".into()),
             ]
         );
-        assert_eq!(parse("{\"a\": null}").unwrap(), vec![("a".into(), "null".into())]);
+        assert_eq!(
+            parse("{\"a\": null}").unwrap(),
+            vec![("a".into(), "null".into())]
+        );
         assert!(parse("42").is_err());
         assert!(parse("[{\"\": 1}]").is_err());
         assert!(parse("[1]").is_err());

@@ -63,7 +63,10 @@ fn main() -> ExitCode {
                 }
             },
             Command::Migrate => {
-                let store = Store::new(&config, std::sync::Arc::new(Metrics::new(app::VERSION, app::REVISION)));
+                let store = Store::new(
+                    &config,
+                    std::sync::Arc::new(Metrics::new(app::VERSION, app::REVISION)),
+                );
                 let r = store.migrate().await;
                 store.close(std::time::Duration::from_secs(5)).await;
                 match r {
@@ -93,7 +96,10 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 };
-                let store = Store::new(&config, std::sync::Arc::new(Metrics::new(app::VERSION, app::REVISION)));
+                let store = Store::new(
+                    &config,
+                    std::sync::Arc::new(Metrics::new(app::VERSION, app::REVISION)),
+                );
                 let r = match store.migrate().await {
                     Ok(_) => import::run(&store, &pairs, config.max_value_bytes).await,
                     Err(e) => Err(format!("migrations failed: {e}")),

@@ -4,8 +4,8 @@
 //! class, database metrics by operation — never by key.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const HTTP_BUCKETS: &[f64] = &[
@@ -13,8 +13,9 @@ const HTTP_BUCKETS: &[f64] = &[
 ];
 
 /// Database operations, the `operation` label of the database metrics.
-pub const DB_OPERATIONS: &[&str] =
-    &["get", "list", "upsert", "delete", "stats", "ping", "purge", "poll", "migrate"];
+pub const DB_OPERATIONS: &[&str] = &[
+    "get", "list", "upsert", "delete", "stats", "ping", "purge", "poll", "migrate",
+];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -193,7 +194,9 @@ impl Metrics {
     }
 
     pub fn db_timer(&self, operation: &'static str) -> prometheus::HistogramTimer {
-        self.db_duration.with_label_values(&[operation]).start_timer()
+        self.db_duration
+            .with_label_values(&[operation])
+            .start_timer()
     }
 
     /// The text exposition of every metric.
@@ -226,8 +229,12 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
-fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: prometheus::Result<C>) -> C {
+fn reg<C: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: prometheus::Result<C>,
+) -> C {
     let c = c.expect("metric definition is valid");
-    r.register(Box::new(c.clone())).expect("metric registered once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }

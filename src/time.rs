@@ -15,14 +15,14 @@ pub fn now_micros() -> Micros {
 }
 
 fn to_datetime(us: Micros) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(us as i128 * 1000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    OffsetDateTime::from_unix_timestamp_nanos(us as i128 * 1000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 /// `2026-11-22T19:54:48.123456Z`
 pub fn rfc3339_micros(us: Micros) -> String {
-    let fmt = format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-    );
+    let fmt =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
     to_datetime(us).format(fmt).unwrap_or_default()
 }
 
@@ -54,7 +54,9 @@ pub fn from_sql(v: &Value) -> Option<Micros> {
         Value::Date(y, mo, d, h, mi, s, us) => {
             let date = Date::from_calendar_date(*y as i32, Month::try_from(*mo).ok()?, *d).ok()?;
             let time = Time::from_hms_micro(*h, *mi, *s, *us).ok()?;
-            let ns = PrimitiveDateTime::new(date, time).assume_utc().unix_timestamp_nanos();
+            let ns = PrimitiveDateTime::new(date, time)
+                .assume_utc()
+                .unix_timestamp_nanos();
             Some((ns / 1000) as Micros)
         }
         Value::Bytes(b) => {
@@ -62,7 +64,10 @@ pub fn from_sql(v: &Value) -> Option<Micros> {
             let fmt = format_description!(
                 "[year]-[month]-[day] [hour]:[minute]:[second][optional [.[subsecond]]]"
             );
-            let ns = PrimitiveDateTime::parse(s, fmt).ok()?.assume_utc().unix_timestamp_nanos();
+            let ns = PrimitiveDateTime::parse(s, fmt)
+                .ok()?
+                .assume_utc()
+                .unix_timestamp_nanos();
             Some((ns / 1000) as Micros)
         }
         _ => None,
@@ -79,6 +84,9 @@ mod tests {
         assert_eq!(rfc3339_micros(us), "2026-11-22T19:54:48.123456Z");
         assert_eq!(http_date(us), "Sun, 22 Nov 2026 19:54:48 GMT");
         assert_eq!(from_sql(&to_sql(us)), Some(us));
-        assert_eq!(from_sql(&Value::Bytes(b"2026-11-22 19:54:48.123456".to_vec())), Some(us));
+        assert_eq!(
+            from_sql(&Value::Bytes(b"2026-11-22 19:54:48.123456".to_vec())),
+            Some(us)
+        );
     }
 }

@@ -17,7 +17,10 @@ const ALLOW_READ: &str = "GET, HEAD";
 fn read_only(req: &Req) -> Result<(), ApiError> {
     match req.method {
         Method::GET | Method::HEAD => req.query_params(&[]).map(|_| ()),
-        _ => Err(ApiError::MethodNotAllowed { method: req.method.to_string(), allow: ALLOW_READ }),
+        _ => Err(ApiError::MethodNotAllowed {
+            method: req.method.to_string(),
+            allow: ALLOW_READ,
+        }),
     }
 }
 
@@ -30,7 +33,10 @@ pub async fn healthz(req: Req, state: Arc<State>) -> Response {
 /// Readiness: migrated, database reachable (background ping), not shutting down.
 pub async fn readyz(req: Req, state: Arc<State>) -> Response {
     let r = read_only(&req).and_then(|_| match state.health.not_ready_reason() {
-        None => Ok(json_response(StatusCode::OK, &b"{\"status\":\"ready\"}"[..])),
+        None => Ok(json_response(
+            StatusCode::OK,
+            &b"{\"status\":\"ready\"}"[..],
+        )),
         Some(reason) => Err(ApiError::Unavailable(format!("not ready: {reason}"))),
     });
     finish(&state, &req, route::READYZ, r)
@@ -47,7 +53,10 @@ pub async fn root(req: Req, state: Arc<State>) -> Response {
             "revision": state.revision,
             "database": { "reachable": reachable },
         });
-        Ok(json_response(StatusCode::OK, serde_json::to_vec(&doc).expect("json")))
+        Ok(json_response(
+            StatusCode::OK,
+            serde_json::to_vec(&doc).expect("json"),
+        ))
     }
     .await;
     finish(&state, &req, route::ROOT, r)
@@ -77,7 +86,10 @@ pub async fn stats(req: Req, state: Arc<State>) -> Response {
                 "cache_bytes": state.cache.weighted_size(),
             },
         });
-        Ok(json_response(StatusCode::OK, serde_json::to_vec(&doc).expect("json")))
+        Ok(json_response(
+            StatusCode::OK,
+            serde_json::to_vec(&doc).expect("json"),
+        ))
     }
     .await;
     finish(&state, &req, route::STATS, r)

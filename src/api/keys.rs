@@ -11,7 +11,7 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_AL
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use warp::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use warp::path::Tail;
+use warp::path::{FullPath, Tail};
 use warp::reply::Response;
 
 use super::{auth, finish, json_response, route, Req, State};
@@ -34,8 +34,12 @@ const ALLOW_KEY: &str = "GET, HEAD, PUT, DELETE";
 const ALLOW_KEYS: &str = "GET, HEAD, POST";
 
 /// Characters escaped in a key's path segment (`/` stays: keys may contain it).
-const KEY_PATH: &AsciiSet =
-    &NON_ALPHANUMERIC.remove(b'/').remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+const KEY_PATH: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// `/v1/keys/{key}`: GET, HEAD, PUT, DELETE.
 pub async fn item<S, B>(tail: Tail, req: Req, body: S, state: Arc<State>) -> Response
@@ -63,11 +67,20 @@ where
 }
 
 /// `/v1/keys`: GET/HEAD list, POST upsert.
-pub async fn collection<S, B>(req: Req, body: S, state: Arc<State>) -> Response
+pub async fn collection<S, B>(path: FullPath, req: Req, body: S, state: Arc<State>) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
 {
+    if path.as_str() != "/v1/keys" {
+        // `/v1/keys/` names the empty key, which is not a key.
+        return finish(
+            &state,
+            &req,
+            route::KEY,
+            Err(ApiError::InvalidKey("the key is empty".into())),
+        );
+    }
     let r = async {
         match req.method {
             Method::GET | Method::HEAD => list(&state, &req).await,
@@ -87,7 +100,10 @@ where
 }
 
 fn not_allowed(req: &Req, allow: &'static str) -> ApiError {
-    ApiError::MethodNotAllowed { method: req.method.to_string(), allow }
+    ApiError::MethodNotAllowed {
+        method: req.method.to_string(),
+        allow,
+    }
 }
 
 async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> {
@@ -99,22 +115,33 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
         .iter()
         .chain(req.headers.get_all(header::PRAGMA).iter())
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-cache")));
+        .any(|v| {
+            v.split(',')
+                .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+        });
     let (item, source) = state.cache.get(key, bypass, &state.store).await?;
     let mut status = source.header().to_owned();
-    if source == Source::Hit && !state.health.db_up.load(std::sync::atomic::Ordering::Relaxed) {
+    if source == Source::Hit
+        && !state
+            .health
+            .db_up
+            .load(std::sync::atomic::Ordering::Relaxed)
+    {
         status.push_str("; detail=db-unreachable");
     }
     let cache_status = HeaderValue::from_str(&status).expect("ASCII");
     let item = item.filter(|i| !i.is_expired(time::now_micros()));
     let Some(item) = item else {
         let mut resp = ApiError::NotFound(format!("no key {key:?}")).into_response(&req.id);
-        resp.headers_mut().insert(CACHE_STATUS.clone(), cache_status);
+        resp.headers_mut()
+            .insert(CACHE_STATUS.clone(), cache_status);
         return Ok(resp);
     };
-    let not_modified = req
-        .header(header::IF_NONE_MATCH)
-        .is_some_and(|v| etag_list(v).iter().any(|t| t == "*" || t.as_bytes() == item.etag.as_bytes()));
+    let not_modified = req.header(header::IF_NONE_MATCH).is_some_and(|v| {
+        etag_list(v)
+            .iter()
+            .any(|t| t == "*" || t.as_bytes() == item.etag.as_bytes())
+    });
     let mut resp = if not_modified {
         let mut r = Response::new(Bytes::new().into());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -123,7 +150,8 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
         json_response(StatusCode::OK, item.body.clone())
     };
     entry_headers(resp.headers_mut(), &item);
-    resp.headers_mut().insert(CACHE_STATUS.clone(), cache_status);
+    resp.headers_mut()
+        .insert(CACHE_STATUS.clone(), cache_status);
     Ok(resp)
 }
 
@@ -140,7 +168,11 @@ async fn write(
     value: &RawValue,
     ttl_seconds: Option<u64>,
 ) -> Result<Response, ApiError> {
-    let value = compact_json(value.get());
+    let value = compact_json(value.get()).ok_or_else(|| {
+        ApiError::InvalidJson(format!(
+            "the value nests deeper than {MAX_VALUE_DEPTH} levels"
+        ))
+    })?;
     if value.len() > state.config.max_value_bytes {
         return Err(ApiError::ValueTooLarge(format!(
             "the value is {} bytes of JSON; the limit is {} bytes",
@@ -164,11 +196,16 @@ async fn write(
         WriteOutcome::Replaced(e) => (StatusCode::OK, e),
         WriteOutcome::PreconditionFailed => return Err(precondition_failed(&key)),
         WriteOutcome::Deleted { .. } | WriteOutcome::NotFound => {
-            return Err(ApiError::Internal("upsert returned a delete outcome".into()))
+            return Err(ApiError::Internal(
+                "upsert returned a delete outcome".into(),
+            ))
         }
     };
     let item = Arc::new(CachedEntry::new(&entry));
-    state.cache.put_written(&key, Some(item.clone()), entry.rev).await;
+    state
+        .cache
+        .put_written(&key, Some(item.clone()), entry.rev)
+        .await;
     state.metrics.writes.with_label_values(&["upsert"]).inc();
     let mut resp = json_response(status, item.body.clone());
     entry_headers(resp.headers_mut(), &item);
@@ -195,9 +232,9 @@ async fn delete(state: &State, req: &Req, key: &str) -> Result<Response, ApiErro
         }
         WriteOutcome::NotFound => Err(ApiError::NotFound(format!("no key {key:?}"))),
         WriteOutcome::PreconditionFailed => Err(precondition_failed(key)),
-        WriteOutcome::Created(_) | WriteOutcome::Replaced(_) => {
-            Err(ApiError::Internal("delete returned an upsert outcome".into()))
-        }
+        WriteOutcome::Created(_) | WriteOutcome::Replaced(_) => Err(ApiError::Internal(
+            "delete returned an upsert outcome".into(),
+        )),
     }
 }
 
@@ -216,7 +253,9 @@ fn precondition(req: &Req) -> Result<Precondition, ApiError> {
             .map(etag_list)
             .ok()
             .filter(|l| !l.is_empty())
-            .ok_or_else(|| ApiError::InvalidRequest("malformed If-Match / If-None-Match header".into()))
+            .ok_or_else(|| {
+                ApiError::InvalidRequest("malformed If-Match / If-None-Match header".into())
+            })
     };
     match (if_match, if_none) {
         (Some(_), Some(_)) => Err(ApiError::InvalidRequest(
@@ -246,13 +285,19 @@ struct Cursor {
 }
 
 fn encode_cursor(prefix: &str, after: &str) -> String {
-    let json = serde_json::to_vec(&Cursor { p: prefix.into(), a: after.into() }).expect("cursor");
+    let json = serde_json::to_vec(&Cursor {
+        p: prefix.into(),
+        a: after.into(),
+    })
+    .expect("cursor");
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
 }
 
 fn decode_cursor(c: &str) -> Result<Cursor, ApiError> {
     let bad = || ApiError::InvalidRequest("cursor is not one this service issued".into());
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c).map_err(|_| bad())?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .map_err(|_| bad())?;
     serde_json::from_slice(&raw).map_err(|_| bad())
 }
 
@@ -288,12 +333,20 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
             "prefix is longer than {MAX_KEY_BYTES} bytes"
         )));
     }
-    let mut rows = state.store.list(&prefix, after.as_deref(), limit + 1).await?;
+    let mut rows = state
+        .store
+        .list(&prefix, after.as_deref(), limit + 1)
+        .await?;
     let more = rows.len() > limit;
     rows.truncate(limit);
-    let next = if more { rows.last().map(|e| encode_cursor(&prefix, &e.key)) } else { None };
+    let next = if more {
+        rows.last().map(|e| encode_cursor(&prefix, &e.key))
+    } else {
+        None
+    };
 
-    let mut body = BytesMut::with_capacity(64 + rows.iter().map(|e| e.value.len() + 200).sum::<usize>());
+    let mut body =
+        BytesMut::with_capacity(64 + rows.iter().map(|e| e.value.len() + 200).sum::<usize>());
     body.put_slice(b"{\"items\":[");
     for (i, e) in rows.iter().enumerate() {
         if i > 0 {
@@ -307,7 +360,8 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
     let mut resp = json_response(StatusCode::OK, body.freeze());
     if let Some(c) = next {
         let link = format!("</v1/keys?cursor={c}&limit={limit}>; rel=\"next\"");
-        resp.headers_mut().insert(header::LINK, HeaderValue::from_str(&link).expect("ASCII"));
+        resp.headers_mut()
+            .insert(header::LINK, HeaderValue::from_str(&link).expect("ASCII"));
     }
     Ok(resp)
 }
@@ -316,7 +370,9 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
 pub fn key_from_path(raw: &str) -> Result<String, ApiError> {
     let key = percent_decode_str(raw)
         .decode_utf8()
-        .map_err(|_| ApiError::InvalidKey("the key is not valid UTF-8 after percent-decoding".into()))?
+        .map_err(|_| {
+            ApiError::InvalidKey("the key is not valid UTF-8 after percent-decoding".into())
+        })?
         .into_owned();
     validate_key(&key)?;
     Ok(key)
@@ -334,7 +390,9 @@ pub fn validate_key(key: &str) -> Result<(), ApiError> {
         )));
     }
     if key.chars().any(|c| c <= '\u{1f}' || c == '\u{7f}') {
-        return Err(ApiError::InvalidKey("the key contains a control character".into()));
+        return Err(ApiError::InvalidKey(
+            "the key contains a control character".into(),
+        ));
     }
     Ok(())
 }
@@ -359,15 +417,24 @@ struct PostBody<'a> {
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(raw: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(raw)
-        .map_err(|e| ApiError::InvalidJson(format!("the body is not the JSON this endpoint expects: {e}")))
+    serde_json::from_slice(raw).map_err(|e| {
+        ApiError::InvalidJson(format!(
+            "the body is not the JSON this endpoint expects: {e}"
+        ))
+    })
 }
+
+/// Deepest nesting of arrays/objects accepted in a value (serde_json's own parse limit),
+/// so that no client reading it back trips over its parser's recursion limit.
+pub const MAX_VALUE_DEPTH: usize = 128;
 
 /// Removes the whitespace outside strings: the value is stored as compact JSON text, byte
 /// for byte what the client sent otherwise (key order, number spelling, escapes).
-pub fn compact_json(json: &str) -> String {
+/// `json` must be valid JSON; `None` when it nests deeper than [`MAX_VALUE_DEPTH`].
+pub fn compact_json(json: &str) -> Option<String> {
     let mut out = String::with_capacity(json.len());
     let (mut in_string, mut escaped) = (false, false);
+    let mut depth = 0usize;
     for c in json.chars() {
         if in_string {
             out.push(c);
@@ -382,10 +449,20 @@ pub fn compact_json(json: &str) -> String {
             in_string = true;
             out.push(c);
         } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            match c {
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_VALUE_DEPTH {
+                        return None;
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
             out.push(c);
         }
     }
-    out
+    Some(out)
 }
 
 /// The largest request body accepted: room for a value at the limit written with
@@ -403,7 +480,9 @@ where
 {
     let limit = body_limit(state.config.max_value_bytes);
     let too_large = || {
-        ApiError::ValueTooLarge(format!("the request body exceeds the limit of {limit} bytes"))
+        ApiError::ValueTooLarge(format!(
+            "the request body exceeds the limit of {limit} bytes"
+        ))
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -468,7 +547,10 @@ mod tests {
 
     #[test]
     fn keys() {
-        assert_eq!(key_from_path("app/config/color").unwrap(), "app/config/color");
+        assert_eq!(
+            key_from_path("app/config/color").unwrap(),
+            "app/config/color"
+        );
         assert_eq!(key_from_path("a%2Fb%20c").unwrap(), "a/b c");
         assert_eq!(key_from_path("%C3%A9t%C3%A9").unwrap(), "été");
         assert_eq!(key_from_path("").unwrap_err().code(), "invalid_key");
@@ -485,9 +567,17 @@ mod tests {
 
     #[test]
     fn compacts_outside_strings_only() {
-        assert_eq!(compact_json(" { \"a b\" : [1, 2.50 ,\n\"x \\\" y\"] } "), "{\"a b\":[1,2.50,\"x \\\" y\"]}");
-        assert_eq!(compact_json("\"\\\\\"  "), "\"\\\\\"");
-        assert_eq!(compact_json("{\"z\":1,\"a\":2}"), "{\"z\":1,\"a\":2}");
+        let c = |s: &str| compact_json(s).unwrap();
+        assert_eq!(
+            c(" { \"a b\" : [1, 2.50 ,\n\"x \\\" y\"] } "),
+            "{\"a b\":[1,2.50,\"x \\\" y\"]}"
+        );
+        assert_eq!(c("\"\\\\\"  "), "\"\\\\\"");
+        assert_eq!(c("{\"z\":1,\"a\":2}"), "{\"z\":1,\"a\":2}");
+        assert_eq!(c("\"[[[{{{\""), "\"[[[{{{\"");
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(compact_json(&deep(MAX_VALUE_DEPTH)).is_some());
+        assert!(compact_json(&deep(MAX_VALUE_DEPTH + 1)).is_none());
     }
 
     #[test]
@@ -496,7 +586,9 @@ mod tests {
         let d = decode_cursor(&c).unwrap();
         assert_eq!((d.p.as_str(), d.a.as_str()), ("app/", "app/x"));
         assert!(decode_cursor("not-a-cursor!").is_err());
-        assert!(decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("{}")).is_err());
+        assert!(
+            decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("{}")).is_err()
+        );
     }
 
     #[test]

@@ -93,11 +93,16 @@ impl Req {
                 return Err(ApiError::InvalidRequest(if allowed.is_empty() {
                     format!("unknown query parameter {k:?}: this endpoint takes none")
                 } else {
-                    format!("unknown query parameter {k:?}; allowed: {}", allowed.join(", "))
+                    format!(
+                        "unknown query parameter {k:?}; allowed: {}",
+                        allowed.join(", ")
+                    )
                 }));
             }
             if out.insert(k.clone(), v).is_some() {
-                return Err(ApiError::InvalidRequest(format!("query parameter {k:?} is repeated")));
+                return Err(ApiError::InvalidRequest(format!(
+                    "query parameter {k:?} is repeated"
+                )));
             }
         }
         Ok(out)
@@ -114,7 +119,12 @@ struct RouteLabel(&'static str);
 
 /// Turns a handler result into the response, tagged with its route template. Internal
 /// errors are logged here with their cause (the client only sees the request id).
-pub fn finish(state: &State, req: &Req, route: &'static str, r: Result<Response, ApiError>) -> Response {
+pub fn finish(
+    state: &State,
+    req: &Req,
+    route: &'static str,
+    r: Result<Response, ApiError>,
+) -> Response {
     let mut resp = match r {
         Ok(resp) => resp,
         Err(e) => {
@@ -131,7 +141,10 @@ pub fn finish(state: &State, req: &Req, route: &'static str, r: Result<Response,
 pub fn json_response(status: warp::http::StatusCode, body: impl Into<bytes::Bytes>) -> Response {
     let mut resp = Response::new(body.into().into());
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -145,7 +158,12 @@ fn with_req() -> impl Filter<Extract = (Req,), Error = Infallible> + Clone {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
-            Req { method, headers, query, id }
+            Req {
+                method,
+                headers,
+                query,
+                id,
+            }
         })
 }
 
@@ -157,6 +175,7 @@ pub fn routes(
     let body = warp::body::stream();
 
     let keys = warp::path!("v1" / "keys")
+        .and(warp::path::full())
         .and(with_req())
         .and(body)
         .and(st.clone())
@@ -168,11 +187,26 @@ pub fn routes(
         .and(body)
         .and(st.clone())
         .then(keys::item);
-    let stats = warp::path!("v1" / "stats").and(with_req()).and(st.clone()).then(health::stats);
-    let root = warp::path::end().and(with_req()).and(st.clone()).then(health::root);
-    let healthz = warp::path!("healthz").and(with_req()).and(st.clone()).then(health::healthz);
-    let readyz = warp::path!("readyz").and(with_req()).and(st.clone()).then(health::readyz);
-    let openapi = warp::path!("openapi.json").and(with_req()).and(st.clone()).then(health::openapi);
+    let stats = warp::path!("v1" / "stats")
+        .and(with_req())
+        .and(st.clone())
+        .then(health::stats);
+    let root = warp::path::end()
+        .and(with_req())
+        .and(st.clone())
+        .then(health::root);
+    let healthz = warp::path!("healthz")
+        .and(with_req())
+        .and(st.clone())
+        .then(health::healthz);
+    let readyz = warp::path!("readyz")
+        .and(with_req())
+        .and(st.clone())
+        .then(health::readyz);
+    let openapi = warp::path!("openapi.json")
+        .and(with_req())
+        .and(st.clone())
+        .then(health::openapi);
     let fallback = with_req().and(st).map(|req: Req, state: Arc<State>| {
         let e = ApiError::NotFound("no such route; see /openapi.json".into());
         finish(&state, &req, route::UNMATCHED, Err(e))
@@ -200,7 +234,8 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
-            && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(c))
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(c))
         {
             return v.clone();
         }
@@ -236,12 +271,19 @@ where
             r
         }
     };
-    let route = resp.extensions().get::<RouteLabel>().map_or(route::UNMATCHED, |r| r.0);
+    let route = resp
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or(route::UNMATCHED, |r| r.0);
     resp.headers_mut().insert(REQUEST_ID, id.clone());
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     let class = metrics::status_class(status);
-    state.metrics.http_requests.with_label_values(&[method, route, class]).inc();
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[method, route, class])
+        .inc();
     state
         .metrics
         .http_duration

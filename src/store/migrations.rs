@@ -59,9 +59,15 @@ pub fn statements(sql: &str) -> Vec<String> {
 
 /// Applies the pending migrations; returns the versions applied by this call.
 pub async fn apply(conn: &mut Conn) -> Result<Vec<u32>, mysql_async::Error> {
-    let lock_name = format!("kvstore.migrate.{}", conn.opts().db_name().unwrap_or_default());
+    let lock_name = format!(
+        "kvstore.migrate.{}",
+        conn.opts().db_name().unwrap_or_default()
+    );
     let got: Option<Option<i64>> = conn
-        .exec_first("SELECT GET_LOCK(?, ?)", (lock_name.as_str(), LOCK_WAIT_SECONDS))
+        .exec_first(
+            "SELECT GET_LOCK(?, ?)",
+            (lock_name.as_str(), LOCK_WAIT_SECONDS),
+        )
         .await?;
     if got.flatten() != Some(1) {
         return Err(mysql_async::Error::Other(
@@ -69,8 +75,9 @@ pub async fn apply(conn: &mut Conn) -> Result<Vec<u32>, mysql_async::Error> {
         ));
     }
     let result = apply_locked(conn).await;
-    let released: Result<Option<Option<i64>>, _> =
-        conn.exec_first("SELECT RELEASE_LOCK(?)", (lock_name.as_str(),)).await;
+    let released: Result<Option<Option<i64>>, _> = conn
+        .exec_first("SELECT RELEASE_LOCK(?)", (lock_name.as_str(),))
+        .await;
     let applied = result?;
     released?;
     Ok(applied)
@@ -85,7 +92,9 @@ async fn apply_locked(conn: &mut Conn) -> Result<Vec<u32>, mysql_async::Error> {
          ) ENGINE=InnoDB",
     )
     .await?;
-    let done: Vec<u32> = conn.query("SELECT version FROM kv_schema_migrations").await?;
+    let done: Vec<u32> = conn
+        .query("SELECT version FROM kv_schema_migrations")
+        .await?;
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
         let mut tx = conn.start_transaction(TxOpts::default()).await?;
@@ -127,8 +136,15 @@ mod tests {
 
     #[test]
     fn splits_statements() {
-        let s = statements("-- c\nCREATE TABLE a (x INT);\n\nINSERT INTO a VALUES\n  (1),\n  (2);\n");
-        assert_eq!(s, vec!["CREATE TABLE a (x INT)", "INSERT INTO a VALUES\n  (1),\n  (2)"]);
+        let s =
+            statements("-- c\nCREATE TABLE a (x INT);\n\nINSERT INTO a VALUES\n  (1),\n  (2);\n");
+        assert_eq!(
+            s,
+            vec![
+                "CREATE TABLE a (x INT)",
+                "INSERT INTO a VALUES\n  (1),\n  (2)"
+            ]
+        );
         assert_eq!(statements(MIGRATIONS[1].sql).len(), 2);
     }
 }

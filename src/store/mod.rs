@@ -108,7 +108,9 @@ pub enum WriteOutcome {
     Created(Entry),
     Replaced(Entry),
     /// Deleted; carries the revision of the delete (for cache ordering).
-    Deleted { rev: u64 },
+    Deleted {
+        rev: u64,
+    },
     NotFound,
     PreconditionFailed,
 }
@@ -226,7 +228,8 @@ impl Store {
     /// Point read of a live (not expired) entry.
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, DbError> {
         let now = time::now_micros();
-        self.run("get", |mut conn: Conn| Box::pin(async move {
+        self.run("get", |mut conn: Conn| {
+            Box::pin(async move {
                 let row: Option<Row> = conn
                     .exec_first(
                         "SELECT k, v, version, rev, created_at, updated_at, expires_at \
@@ -235,7 +238,8 @@ impl Store {
                     )
                     .await?;
                 row.map(entry_from_row).transpose()
-        }))
+            })
+        })
         .await
     }
 
@@ -270,10 +274,12 @@ impl Store {
         params.push(time::to_sql(now));
         params.push(Value::UInt(limit as u64));
         let (sql, params) = (sql.as_str(), &params);
-        self.run("list", |mut conn: Conn| Box::pin(async move {
-            let rows: Vec<Row> = conn.exec(sql, params.clone()).await?;
-            rows.into_iter().map(entry_from_row).collect()
-        }))
+        self.run("list", |mut conn: Conn| {
+            Box::pin(async move {
+                let rows: Vec<Row> = conn.exec(sql, params.clone()).await?;
+                rows.into_iter().map(entry_from_row).collect()
+            })
+        })
         .await
     }
 
@@ -287,7 +293,8 @@ impl Store {
         pre: &Precondition,
     ) -> Result<WriteOutcome, DbError> {
         let origin = self.origin;
-        self.run("upsert", |mut conn: Conn| Box::pin(async move {
+        self.run("upsert", |mut conn: Conn| {
+            Box::pin(async move {
                 let now = time::now_micros();
                 let expires_at = ttl_seconds.map(|t| now + i64::from(t) * 1_000_000);
                 let mut tx = conn.start_transaction(TxOpts::default()).await?;
@@ -327,8 +334,11 @@ impl Store {
                     .await?;
                 }
                 let slot = uuid::Uuid::new_v4().as_u64_pair().0 % COUNTER_SLOTS;
-                tx.exec_drop("UPDATE kv_write_counter SET n = n + 1 WHERE slot = ?", (slot,))
-                    .await?;
+                tx.exec_drop(
+                    "UPDATE kv_write_counter SET n = n + 1 WHERE slot = ?",
+                    (slot,),
+                )
+                .await?;
                 tx.commit().await?;
                 let entry = Entry {
                     key: key.to_owned(),
@@ -344,14 +354,16 @@ impl Store {
                 } else {
                     WriteOutcome::Created(entry)
                 })
-        }))
+            })
+        })
         .await
     }
 
     /// Delete in one transaction (with the precondition and the change-log row).
     pub async fn delete(&self, key: &str, pre: &Precondition) -> Result<WriteOutcome, DbError> {
         let origin = self.origin;
-        self.run("delete", |mut conn: Conn| Box::pin(async move {
+        self.run("delete", |mut conn: Conn| {
+            Box::pin(async move {
                 let now = time::now_micros();
                 let mut tx = conn.start_transaction(TxOpts::default()).await?;
                 let current = lock_row(&mut tx, key).await?;
@@ -365,11 +377,17 @@ impl Store {
                     return Ok(WriteOutcome::NotFound);
                 }
                 let rev = log_change(&mut tx, key, origin, now).await?;
-                tx.exec_drop("DELETE FROM kv_entries WHERE k = ?", (key.as_bytes(),)).await?;
+                tx.exec_drop("DELETE FROM kv_entries WHERE k = ?", (key.as_bytes(),))
+                    .await?;
                 tx.commit().await?;
                 // An expired row is removed too, but to the client it was already gone.
-                Ok(if live.is_some() { WriteOutcome::Deleted { rev } } else { WriteOutcome::NotFound })
-        }))
+                Ok(if live.is_some() {
+                    WriteOutcome::Deleted { rev }
+                } else {
+                    WriteOutcome::NotFound
+                })
+            })
+        })
         .await
     }
 
@@ -396,14 +414,16 @@ impl Store {
         for _ in 0..100 {
             let now = time::now_micros();
             let n = self
-                .run("purge", |mut conn: Conn| Box::pin(async move {
+                .run("purge", |mut conn: Conn| {
+                    Box::pin(async move {
                         conn.exec_drop(
                             "DELETE FROM kv_entries WHERE expires_at <= ? LIMIT 1000",
                             (time::to_sql(now),),
                         )
                         .await?;
                         Ok(conn.affected_rows())
-                }))
+                    })
+                })
                 .await?;
             purged += n;
             if n < 1000 {
@@ -411,24 +431,28 @@ impl Store {
             }
         }
         let cutoff = time::now_micros() - keep_changes.as_micros() as i64;
-        self.run("purge", |mut conn: Conn| Box::pin(async move {
+        self.run("purge", |mut conn: Conn| {
+            Box::pin(async move {
                 conn.exec_drop(
                     "DELETE FROM kv_changes WHERE changed_at < ? LIMIT 10000",
                     (time::to_sql(cutoff),),
                 )
                 .await
-        }))
+            })
+        })
         .await?;
         Ok(purged)
     }
 
     /// The newest change-log id (where a new poller starts).
     pub async fn last_change_id(&self) -> Result<u64, DbError> {
-        self.run("poll", |mut conn: Conn| Box::pin(async move {
+        self.run("poll", |mut conn: Conn| {
+            Box::pin(async move {
                 let id: Option<Option<u64>> =
                     conn.query_first("SELECT MAX(id) FROM kv_changes").await?;
                 Ok(id.flatten().unwrap_or(0))
-        }))
+            })
+        })
         .await
     }
 
@@ -446,7 +470,8 @@ impl Store {
         }
         sql.push_str(" ORDER BY id LIMIT 10000");
         let (sql, params) = (sql.as_str(), &params);
-        self.run("poll", |mut conn: Conn| Box::pin(async move {
+        self.run("poll", |mut conn: Conn| {
+            Box::pin(async move {
                 let rows: Vec<(u64, Vec<u8>, u64)> = conn.exec(sql, params.clone()).await?;
                 Ok(rows
                     .into_iter()
@@ -456,7 +481,8 @@ impl Store {
                         origin,
                     })
                     .collect())
-        }))
+            })
+        })
         .await
     }
 }
@@ -520,13 +546,13 @@ async fn log_change(
         (key.as_bytes(), origin, time::to_sql(now)),
     )
     .await?;
-    tx.last_insert_id().ok_or_else(|| {
-        mysql_async::Error::Other("INSERT INTO kv_changes returned no id".into())
-    })
+    tx.last_insert_id()
+        .ok_or_else(|| mysql_async::Error::Other("INSERT INTO kv_changes returned no id".into()))
 }
 
 fn entry_from_row(mut row: Row) -> Result<Entry, mysql_async::Error> {
-    let bad = |what: &str| mysql_async::Error::Other(format!("unexpected {what} in kv_entries").into());
+    let bad =
+        |what: &str| mysql_async::Error::Other(format!("unexpected {what} in kv_entries").into());
     let key: Vec<u8> = row.take(0).ok_or_else(|| bad("key"))?;
     let value: Vec<u8> = row.take(1).ok_or_else(|| bad("value"))?;
     let version: u64 = row.take(2).ok_or_else(|| bad("version"))?;

@@ -1,0 +1,632 @@
+//! The endpoints, status codes, limits and errors of API.md.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn seeded_keys_are_served() {
+    let (app, _db) = spawn_app(&[]).await;
+    for (k, v) in [
+        ("Homer", "Simpson"),
+        ("Jeffrey", "Lebowski"),
+        ("Stan", "Smith"),
+    ] {
+        let r = app.get(&format!("/v1/keys/{k}")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        for h in ["etag", "last-modified", "cache-status", "x-request-id"] {
+            assert!(r.headers().contains_key(h), "missing {h}");
+        }
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["key"], k);
+        assert_eq!(e["value"], v);
+        assert_eq!(e["version"], 1);
+        assert_eq!(e["expires_at"], Value::Null);
+        let created = e["created_at"].as_str().unwrap();
+        // RFC 3339, UTC, microseconds: 2026-11-22T19:54:48.123456Z
+        assert_eq!(created.len(), 27, "{created}");
+        assert!(created.ends_with('Z') && created.as_bytes()[19] == b'.');
+    }
+}
+
+#[tokio::test]
+async fn put_creates_then_replaces() {
+    let (app, _db) = spawn_app(&[]).await;
+    let r = app.put_value("color", json!("blue")).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["location"], "/v1/keys/color");
+    let etag1 = r.headers()["etag"].to_str().unwrap().to_string();
+    let e1: Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            e1["key"].clone(),
+            e1["value"].clone(),
+            e1["version"].clone()
+        ),
+        (json!("color"), json!("blue"), json!(1))
+    );
+    assert_eq!(e1["created_at"], e1["updated_at"]);
+
+    let r = app.put_value("color", json!("red")).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("location").is_none());
+    let etag2 = r.headers()["etag"].to_str().unwrap().to_string();
+    assert_ne!(etag1, etag2);
+    let e2: Value = r.json().await.unwrap();
+    assert_eq!(e2["version"], 2);
+    assert_eq!(e2["value"], "red");
+    assert_eq!(e2["created_at"], e1["created_at"]);
+    assert!(e2["updated_at"].as_str() > e1["updated_at"].as_str());
+
+    let got: Value = app.get("/v1/keys/color").await.json().await.unwrap();
+    assert_eq!(got, e2);
+}
+
+#[tokio::test]
+async fn post_upserts_and_validates() {
+    let (app, _db) = spawn_app(&[]).await;
+    // Content-Type is ignored: the body is read as JSON whatever it says.
+    let r = app
+        .client
+        .post(app.url("/v1/keys"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"key":"a","value":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["location"], "/v1/keys/a");
+    let r = app
+        .client
+        .post(app.url("/v1/keys"))
+        .json(&json!({"key": "a", "value": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["version"], 2);
+    let r = app
+        .client
+        .post(app.url("/v1/keys"))
+        .json(&json!({"key": "dir/with space", "value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["location"], "/v1/keys/dir/with%20space");
+
+    for (body, status, code) in [
+        (json!({"value": 1}), 400, "invalid_json"),
+        (json!({"key": "a"}), 400, "invalid_json"),
+        (
+            json!({"key": "a", "value": 1, "extra": true}),
+            400,
+            "invalid_json",
+        ),
+        (json!({"key": 5, "value": 1}), 400, "invalid_json"),
+        (json!({"key": "", "value": 1}), 400, "invalid_key"),
+        (json!({"key": "a\u{0}b", "value": 1}), 400, "invalid_key"),
+        (
+            json!({"key": "k".repeat(513), "value": 1}),
+            400,
+            "invalid_key",
+        ),
+    ] {
+        let r = app
+            .client
+            .post(app.url("/v1/keys"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, status, code).await;
+    }
+    let r = app
+        .client
+        .post(app.url("/v1/keys?x=1"))
+        .json(&json!({"key": "a", "value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "invalid_request").await;
+}
+
+#[tokio::test]
+async fn values_are_stored_exactly_as_compact_json() {
+    let (app, _db) = spawn_app(&[]).await;
+    for (i, raw) in [
+        r#""text with \"quotes\" and \u00e9""#,
+        "12345678901234567890123456789",
+        "1.50",
+        "-0.0e10",
+        "true",
+        "null",
+        "[1, [2, {}], \"x\"]",
+        "{\"z\": 1, \"a\": {\"nested\": [null]}, \"m\": \"  spaced  \"}",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let body = format!("{{\"value\":  {raw}  }}");
+        let r = app
+            .client
+            .put(app.url(&format!("/v1/keys/v{i}")))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{raw}");
+        let text = app
+            .get(&format!("/v1/keys/v{i}"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let compact: String = {
+            // Expected: the raw text minus whitespace outside strings.
+            let mut out = String::new();
+            let (mut s, mut esc) = (false, false);
+            for c in raw.chars() {
+                if s {
+                    out.push(c);
+                    if esc {
+                        esc = false
+                    } else if c == '\\' {
+                        esc = true
+                    } else if c == '"' {
+                        s = false
+                    }
+                } else if c == '"' {
+                    s = true;
+                    out.push(c)
+                } else if !c.is_whitespace() {
+                    out.push(c)
+                }
+            }
+            out
+        };
+        assert!(
+            text.contains(&format!("\"value\":{compact},")),
+            "{raw} -> {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn keys_may_contain_slashes_and_are_percent_decoded() {
+    let (app, _db) = spawn_app(&[]).await;
+    assert_eq!(
+        app.put_value("app/config/color", json!("green"))
+            .await
+            .status(),
+        201
+    );
+    for path in [
+        "/v1/keys/app/config/color",
+        "/v1/keys/app%2Fconfig%2Fcolor",
+        "/v1/keys/app%2fconfig/color",
+    ] {
+        let r = app.get(path).await;
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["key"], "app/config/color");
+    }
+    assert_eq!(
+        app.put_value("caf%C3%A9%20%E2%9C%93", json!(1))
+            .await
+            .status(),
+        201
+    );
+    let e: Value = app
+        .get("/v1/keys/caf%C3%A9%20%E2%9C%93")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(e["key"], "café ✓");
+    // SQL metacharacters are just bytes of a key and a value.
+    let evil = "x'; DROP TABLE kv_entries; --";
+    let enc =
+        percent_encoding::utf8_percent_encode(evil, percent_encoding::NON_ALPHANUMERIC).to_string();
+    assert_eq!(
+        app.put_value(&enc, json!("'; DELETE FROM kv_entries; --"))
+            .await
+            .status(),
+        201
+    );
+    let e: Value = app
+        .get(&format!("/v1/keys/{enc}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(e["key"], evil);
+    assert_eq!(e["value"], "'; DELETE FROM kv_entries; --");
+    assert_eq!(app.get("/v1/keys/Homer").await.status(), 200);
+}
+
+#[tokio::test]
+async fn key_limits_are_counted_in_bytes() {
+    let (app, _db) = spawn_app(&[]).await;
+    let ascii512 = "k".repeat(512);
+    assert_eq!(app.put_value(&ascii512, json!(1)).await.status(), 201);
+    assert_eq!(app.get(&format!("/v1/keys/{ascii512}")).await.status(), 200);
+    // 256 × "é" (2 bytes each) = 512 bytes: accepted; 257 = 514 bytes: refused.
+    let e256 = "%C3%A9".repeat(256);
+    assert_eq!(app.put_value(&e256, json!(1)).await.status(), 201);
+    let e257 = "%C3%A9".repeat(257);
+    assert_problem(app.put_value(&e257, json!(1)).await, 400, "invalid_key").await;
+    assert_problem(
+        app.put_value(&"k".repeat(513), json!(1)).await,
+        400,
+        "invalid_key",
+    )
+    .await;
+    assert_problem(
+        app.get(&format!("/v1/keys/{}", "k".repeat(513))).await,
+        400,
+        "invalid_key",
+    )
+    .await;
+    for bad in ["a%00b", "a%1Fb", "a%7Fb", "a%0Ab", "%FF%FE", "%C3"] {
+        assert_problem(
+            app.get(&format!("/v1/keys/{bad}")).await,
+            400,
+            "invalid_key",
+        )
+        .await;
+        assert_problem(app.put_value(bad, json!(1)).await, 400, "invalid_key").await;
+        assert_problem(app.delete(bad).await, 400, "invalid_key").await;
+    }
+    assert_problem(app.get("/v1/keys/").await, 400, "invalid_key").await;
+}
+
+#[tokio::test]
+async fn value_limit_and_body_limit() {
+    let max = 1000;
+    let (app, _db) = spawn_app(&[("KV_MAX_VALUE_BYTES", "1000")]).await;
+    // A string value of exactly `max` bytes of JSON (quotes included) is accepted.
+    let exact = "x".repeat(max - 2);
+    assert_eq!(app.put_value("big", json!(exact)).await.status(), 201);
+    let over = "x".repeat(max - 1);
+    let doc = assert_problem(
+        app.put_value("big", json!(over)).await,
+        413,
+        "value_too_large",
+    )
+    .await;
+    assert!(doc["detail"].as_str().unwrap().contains("1000"));
+    // The stored value is untouched by the refused write.
+    let e: Value = app.get("/v1/keys/big").await.json().await.unwrap();
+    assert_eq!(e["value"].as_str().unwrap().len(), max - 2);
+    assert_eq!(e["version"], 1);
+    // Whitespace does not count: the value is measured compact.
+    let spaced = format!("{{\"value\": [{}1]}}", "1,      ".repeat(max / 2 - 2));
+    assert_eq!(
+        app.client
+            .put(app.url("/v1/keys/spaced"))
+            .body(spaced)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    // A body far over the limit is refused from its Content-Length, and when chunked.
+    let huge = format!("{{\"value\": \"{}\"}}", "y".repeat(10 * 1024 * 1024));
+    let r = app
+        .client
+        .put(app.url("/v1/keys/huge"))
+        .body(huge.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 413, "value_too_large").await;
+    let stream = futures_util::stream::iter(
+        huge.into_bytes()
+            .chunks(64 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let r = app
+        .client
+        .put(app.url("/v1/keys/huge"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 413, "value_too_large").await;
+    assert_problem(app.get("/v1/keys/huge").await, 404, "not_found").await;
+}
+
+#[tokio::test]
+async fn default_value_limit_is_one_mebibyte() {
+    let (app, _db) = spawn_app(&[]).await;
+    let exact = "v".repeat(1024 * 1024 - 2);
+    assert_eq!(app.put_value("mib", json!(exact)).await.status(), 201);
+    let e: Value = app.get("/v1/keys/mib").await.json().await.unwrap();
+    assert_eq!(e["value"].as_str().unwrap().len(), 1024 * 1024 - 2);
+    assert_problem(
+        app.put_value("mib2", json!("v".repeat(1024 * 1024 - 1)))
+            .await,
+        413,
+        "value_too_large",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn bad_json_bodies() {
+    let (app, _db) = spawn_app(&[]).await;
+    for body in [
+        "",
+        "not json",
+        "{",
+        "[]",
+        "{\"value\": 1,}",
+        "{\"ttl_seconds\": 5}",
+        "{\"value\": 1, \"other\": 2}",
+        "{\"value\": 1, \"ttl_seconds\": \"5\"}",
+        "{\"value\": 1, \"ttl_seconds\": 1.5}",
+        "{\"value\": 1, \"ttl_seconds\": -1}",
+        "{\"value\": 1, \"ttl_seconds\": 0}",
+        "{\"value\": 1, \"ttl_seconds\": 31536001}",
+        "{\"value\": \"\u{0}\"}",
+    ] {
+        let r = app
+            .client
+            .put(app.url("/v1/keys/j"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 400, "invalid_json").await;
+    }
+    // Nesting is limited to 128 levels (a value any client can parse back).
+    let nested = |n: usize| format!("{{\"value\": {}{}}}", "[".repeat(n), "]".repeat(n));
+    for n in [129, 5000, 400_000] {
+        let r = app
+            .client
+            .put(app.url("/v1/keys/j"))
+            .body(nested(n))
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, 400, "invalid_json").await;
+    }
+    assert_problem(app.get("/v1/keys/j").await, 404, "not_found").await;
+    let r = app
+        .client
+        .put(app.url("/v1/keys/j"))
+        .body(nested(128))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = app
+        .put("j", json!({"value": 1, "ttl_seconds": 31536000}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = app.put("j", json!({"value": 1, "ttl_seconds": 1})).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn delete_then_get_is_404() {
+    let (app, _db) = spawn_app(&[]).await;
+    app.put_value("gone", json!(1)).await;
+    let r = app.delete("gone").await;
+    assert_eq!(r.status(), 204);
+    assert!(r.bytes().await.unwrap().is_empty());
+    assert_problem(app.get("/v1/keys/gone").await, 404, "not_found").await;
+    assert_problem(app.delete("gone").await, 404, "not_found").await;
+    assert_problem(app.delete("never").await, 404, "not_found").await;
+}
+
+#[tokio::test]
+async fn query_parameters_are_checked() {
+    let (app, _db) = spawn_app(&[]).await;
+    assert_problem(app.get("/v1/keys/Homer?x=1").await, 400, "invalid_request").await;
+    assert_problem(app.get("/v1/keys?foo=bar").await, 400, "invalid_request").await;
+    assert_problem(
+        app.get("/v1/keys?limit=10&limit=20").await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    for bad in ["0", "1001", "-1", "abc", ""] {
+        assert_problem(
+            app.get(&format!("/v1/keys?limit={bad}")).await,
+            400,
+            "invalid_request",
+        )
+        .await;
+    }
+    assert_eq!(app.get("/v1/keys?limit=1000").await.status(), 200);
+    assert_eq!(app.get("/v1/keys?limit=1").await.status(), 200);
+    assert_problem(app.get("/v1/stats?verbose=1").await, 400, "invalid_request").await;
+    assert_problem(
+        app.client
+            .delete(app.url("/v1/keys/Homer?force=1"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert_eq!(app.get("/v1/keys/Homer").await.status(), 200);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods() {
+    let (app, _db) = spawn_app(&[]).await;
+    assert_problem(app.get("/nope").await, 404, "not_found").await;
+    assert_problem(app.get("/v2/keys/x").await, 404, "not_found").await;
+    for (method, path, allow) in [
+        ("PATCH", "/v1/keys/x", "GET, HEAD, PUT, DELETE"),
+        ("POST", "/v1/keys/x", "GET, HEAD, PUT, DELETE"),
+        ("DELETE", "/v1/keys", "GET, HEAD, POST"),
+        ("PUT", "/v1/keys", "GET, HEAD, POST"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/v1/stats", "GET, HEAD"),
+    ] {
+        let r = app
+            .client
+            .request(method.parse().unwrap(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        assert_problem(r, 405, "method_not_allowed").await;
+    }
+}
+
+#[tokio::test]
+async fn head_answers_headers_without_body() {
+    let (app, _db) = spawn_app(&[]).await;
+    let get = app.get("/v1/keys/Homer").await;
+    let r = app
+        .client
+        .head(app.url("/v1/keys/Homer"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["etag"], get.headers()["etag"]);
+    assert!(r.headers().contains_key("cache-status"));
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = app
+        .client
+        .head(app.url("/v1/keys/missing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn request_ids() {
+    let (app, _db) = spawn_app(&[]).await;
+    let r = app
+        .client
+        .get(app.url("/v1/keys/Homer"))
+        .header("x-request-id", "abc-123.X:y_z")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc-123.X:y_z");
+    let r = app
+        .client
+        .get(app.url("/v1/keys/nope"))
+        .header("x-request-id", "trace-42")
+        .send()
+        .await
+        .unwrap();
+    let doc = assert_problem(r, 404, "not_found").await;
+    assert_eq!(doc["request_id"], "trace-42");
+    // Insane ids are replaced.
+    for bad in ["has space", "x".repeat(200).as_str(), "quote\"d", ""] {
+        let r = app
+            .client
+            .get(app.url("/healthz"))
+            .header("x-request-id", bad)
+            .send()
+            .await
+            .unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert!(!id.is_empty() && id != bad && id.len() <= 128);
+    }
+    let a = app.get("/healthz").await.headers()["x-request-id"].clone();
+    let b = app.get("/healthz").await.headers()["x-request-id"].clone();
+    assert_ne!(a, b);
+    // The access log line carries the id and the route template, never the key.
+    app.client
+        .get(app.url("/v1/keys/secret-key-name"))
+        .header("x-request-id", "find-me")
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let line = app
+        .logs
+        .lines()
+        .into_iter()
+        .find(|l| l.contains("\"find-me\""))
+        .expect("access line");
+    let rec: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(rec["msg"], "request");
+    assert_eq!(rec["route"], "/v1/keys/{key}");
+    assert_eq!(rec["method"], "GET");
+    assert_eq!(rec["status"], 404);
+    assert!(rec["duration_ms"].is_number() && rec["bytes"].is_number());
+    assert!(!line.contains("secret-key-name"));
+}
+
+#[tokio::test]
+async fn service_endpoints() {
+    let (app, _db) = spawn_app(&[]).await;
+    let r = app.get("/healthz").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "ok");
+    let r = app.get("/readyz").await;
+    assert_eq!(r.status(), 200);
+    let root: Value = app.get("/").await.json().await.unwrap();
+    assert_eq!(root["service"], "kvstore");
+    assert_eq!(root["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(root["database"]["reachable"], true);
+    let r = app.get("/openapi.json").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let doc: Value = r.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for p in [
+        "/v1/keys/{key}",
+        "/v1/keys",
+        "/v1/stats",
+        "/healthz",
+        "/readyz",
+        "/",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+    let stats: Value = app.stats().await;
+    assert_eq!(stats["keys"], 3);
+    assert_eq!(stats["writes_total"], 0);
+    for f in ["cache_hits", "cache_misses", "cache_entries", "cache_bytes"] {
+        assert!(stats["instance"][f].is_u64(), "{f}");
+    }
+}
+
+#[tokio::test]
+async fn metrics_use_route_templates_not_keys() {
+    let (app, _db) = spawn_app(&[]).await;
+    app.get("/v1/keys/my-private-key").await;
+    app.put_value("another-private-key", json!(1)).await;
+    app.get("/v1/keys/another-private-key").await;
+    let text = app.metrics_text().await;
+    assert!(!text.contains("private-key"));
+    for needle in [
+        "kvstore_build_info{revision=",
+        "kvstore_http_requests_total{method=\"GET\",route=\"/v1/keys/{key}\",status_class=\"4xx\"} 1",
+        "kvstore_http_requests_total{method=\"PUT\",route=\"/v1/keys/{key}\",status_class=\"2xx\"} 1",
+        "kvstore_http_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/keys/{key}\",status_class=\"2xx\",le=\"0.005\"}",
+        "kvstore_cache_hits_total 1",
+        "kvstore_cache_misses_total 1",
+        "kvstore_cache_capacity_bytes 67108864",
+        "kvstore_writes_total{operation=\"upsert\"} 1",
+        "kvstore_db_up 1",
+        "kvstore_db_pool_connections_max 8",
+        "kvstore_db_query_duration_seconds_count{operation=\"upsert\"} 1",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}");
+    }
+    let r = app
+        .client
+        .get(format!("{}/other", app.metrics_base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

@@ -1,0 +1,122 @@
+//! Bearer-token auth on writes (and reads with KV_AUTH_READS).
+
+use serde_json::json;
+
+use crate::common::*;
+
+const T1: &str = "token-one-0123456789";
+const T2: &str = "token-two-abcdefghij";
+
+#[tokio::test]
+async fn writes_are_open_without_tokens_and_a_warning_is_logged() {
+    let (app, _db) = spawn_app(&[]).await;
+    assert_eq!(app.put_value("open", json!(1)).await.status(), 201);
+    assert!(app
+        .logs
+        .lines()
+        .iter()
+        .any(|l| l.contains("no API token configured")));
+}
+
+#[tokio::test]
+async fn writes_need_a_valid_token() {
+    let tokens = format!("{T1},{T2}");
+    let (app, _db) = spawn_app(&[("KV_API_TOKENS", &tokens)]).await;
+    let r = app.put_value("k", json!(1)).await;
+    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"kvstore\"");
+    assert_problem(r, 401, "unauthorized").await;
+    let r = app
+        .client
+        .put(app.url("/v1/keys/k"))
+        .bearer_auth("wrong-token-xxxxxxxx")
+        .json(&json!({"value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+    assert_problem(r, 401, "unauthorized").await;
+    let r = app
+        .client
+        .put(app.url("/v1/keys/k"))
+        .header("authorization", format!("Basic {T1}"))
+        .json(&json!({"value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 401, "unauthorized").await;
+    let r = app
+        .client
+        .post(app.url("/v1/keys"))
+        .json(&json!({"key": "k", "value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 401, "unauthorized").await;
+    assert_problem(app.delete("Homer").await, 401, "unauthorized").await;
+    assert_eq!(
+        app.get("/v1/keys/k").await.status(),
+        404,
+        "refused writes wrote nothing"
+    );
+    // Either token works; reads stay open; probes and metrics never need one.
+    for t in [T1, T2] {
+        let r = app
+            .client
+            .put(app.url("/v1/keys/k"))
+            .bearer_auth(t)
+            .json(&json!({"value": t}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let r = app
+        .client
+        .delete(app.url("/v1/keys/k"))
+        .bearer_auth(T1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(app.get("/v1/keys/Homer").await.status(), 200);
+    assert_eq!(app.get("/v1/keys?limit=1").await.status(), 200);
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    assert!(app.metrics_text().await.contains("kvstore_build_info"));
+    // Tokens never reach the logs.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    for line in app.logs.lines() {
+        assert!(
+            !line.contains(T1) && !line.contains(T2),
+            "token logged: {line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reads_need_a_token_with_auth_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, format!("# api tokens\n{T1}\n")).unwrap();
+    let (app, _db) = spawn_app(&[
+        ("KV_API_TOKENS_FILE", file.to_str().unwrap()),
+        ("KV_AUTH_READS", "true"),
+    ])
+    .await;
+    assert_problem(app.get("/v1/keys/Homer").await, 401, "unauthorized").await;
+    assert_problem(app.get("/v1/keys").await, 401, "unauthorized").await;
+    assert_problem(app.get("/v1/stats").await, 401, "unauthorized").await;
+    let r = app
+        .client
+        .get(app.url("/v1/keys/Homer"))
+        .bearer_auth(T1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+}

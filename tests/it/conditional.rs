@@ -1,0 +1,216 @@
+//! ETags and conditional requests (API.md "Conditional requests").
+
+use std::collections::HashSet;
+
+use serde_json::json;
+
+use crate::common::*;
+
+fn etag(r: &reqwest::Response) -> String {
+    r.headers()["etag"].to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn if_none_match_gives_304() {
+    let (app, _db) = spawn_app(&[]).await;
+    let r = app.put_value("k", json!(1)).await;
+    let tag = etag(&r);
+    assert!(
+        tag.starts_with('"') && tag.ends_with('"'),
+        "strong ETag: {tag}"
+    );
+    let r = app
+        .client
+        .get(app.url("/v1/keys/k"))
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(etag(&r), tag);
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = app
+        .client
+        .get(app.url("/v1/keys/k"))
+        .header("if-none-match", "\"999999\", ".to_string() + &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = app
+        .client
+        .get(app.url("/v1/keys/k"))
+        .header("if-none-match", "\"999999\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // After a write the old ETag no longer matches.
+    app.put_value("k", json!(2)).await;
+    let r = app
+        .client
+        .get(app.url("/v1/keys/k"))
+        .header("if-none-match", &tag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn if_match_guards_writes() {
+    let (app, _db) = spawn_app(&[]).await;
+    let tag1 = etag(&app.put_value("k", json!(1)).await);
+    let r = app
+        .client
+        .put(app.url("/v1/keys/k"))
+        .header("if-match", &tag1)
+        .json(&json!({"value": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let tag2 = etag(&r);
+    // The stale ETag loses, and the value stays.
+    let r = app
+        .client
+        .put(app.url("/v1/keys/k"))
+        .header("if-match", &tag1)
+        .json(&json!({"value": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 412, "precondition_failed").await;
+    let r = app
+        .client
+        .post(app.url("/v1/keys"))
+        .header("if-match", &tag1)
+        .json(&json!({"key": "k", "value": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 412, "precondition_failed").await;
+    let e: serde_json::Value = app.get("/v1/keys/k").await.json().await.unwrap();
+    assert_eq!(
+        (e["value"].clone(), e["version"].clone()),
+        (json!(2), json!(2))
+    );
+    // If-Match on a missing key fails; `*` means "exists".
+    let r = app
+        .client
+        .put(app.url("/v1/keys/missing"))
+        .header("if-match", "*")
+        .json(&json!({"value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 412, "precondition_failed").await;
+    let r = app
+        .client
+        .put(app.url("/v1/keys/k"))
+        .header("if-match", "*")
+        .json(&json!({"value": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // DELETE with If-Match.
+    let r = app
+        .client
+        .delete(app.url("/v1/keys/k"))
+        .header("if-match", &tag2)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 412, "precondition_failed").await;
+    let cur = etag(&app.get("/v1/keys/k").await);
+    let r = app
+        .client
+        .delete(app.url("/v1/keys/k"))
+        .header("if-match", &cur)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+}
+
+#[tokio::test]
+async fn if_none_match_star_creates_only() {
+    let (app, _db) = spawn_app(&[]).await;
+    let put = |v: i32| {
+        app.client
+            .put(app.url("/v1/keys/once"))
+            .header("if-none-match", "*")
+            .json(&json!({"value": v}))
+            .send()
+    };
+    assert_eq!(put(1).await.unwrap().status(), 201);
+    assert_problem(put(2).await.unwrap(), 412, "precondition_failed").await;
+    let r = app
+        .client
+        .post(app.url("/v1/keys"))
+        .header("if-none-match", "*")
+        .json(&json!({"key": "once", "value": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 412, "precondition_failed").await;
+    let e: serde_json::Value = app.get("/v1/keys/once").await.json().await.unwrap();
+    assert_eq!(e["value"], 1);
+    // Many concurrent create-only writes: exactly one wins.
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let c = app.client.clone();
+        let url = app.url("/v1/keys/race");
+        tasks.push(tokio::spawn(async move {
+            c.put(url)
+                .header("if-none-match", "*")
+                .json(&json!({"value": i}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 201).count(), 1, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == 412).count(), 15, "{codes:?}");
+}
+
+#[tokio::test]
+async fn etags_never_repeat_across_delete_and_recreate() {
+    let (app, _db) = spawn_app(&[]).await;
+    let mut seen = HashSet::new();
+    for round in 0..5 {
+        for v in 0..3 {
+            let r = app.put_value("aba", json!(v)).await;
+            assert!(seen.insert(etag(&r)), "ETag repeated in round {round}");
+            let got = app.get("/v1/keys/aba").await;
+            assert!(seen.contains(&etag(&got)));
+        }
+        let before = etag(&app.get("/v1/keys/aba").await);
+        assert_eq!(app.delete("aba").await.status(), 204);
+        // A client holding the old ETag cannot write the re-created key with it.
+        let r = app.put_value("aba", json!("again")).await;
+        assert_eq!(r.status(), 201);
+        let new = etag(&r);
+        assert_ne!(new, before);
+        seen.insert(new.clone());
+        let r = app
+            .client
+            .put(app.url("/v1/keys/aba"))
+            .header("if-match", &before)
+            .json(&json!({"value": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 412);
+        let e: serde_json::Value = app.get("/v1/keys/aba").await.json().await.unwrap();
+        assert_eq!(e["version"], 1, "re-created key starts at version 1");
+        assert_eq!(app.delete("aba").await.status(), 204);
+    }
+}

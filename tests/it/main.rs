@@ -1,0 +1,13 @@
+//! Integration tests against a real MySQL-protocol server (see `common`).
+
+mod common;
+
+mod api;
+mod auth;
+mod cache;
+mod conditional;
+mod consistency;
+mod listing;
+mod process;
+mod seed_and_counter;
+mod ttl;
