@@ -126,6 +126,9 @@ pub struct Change {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// One connection of its own for the readiness ping, so a saturated pool (overload)
+    /// does not make every replica report not-ready at once.
+    ping_pool: Pool,
     metrics: Arc<Metrics>,
     acquire_timeout: Duration,
     query_timeout: Duration,
@@ -139,6 +142,13 @@ impl Store {
         metrics.db_pool_max.set(config.db_pool_max as i64);
         Store {
             pool: Pool::new(config.database.opts().clone()),
+            ping_pool: Pool::new(
+                mysql_async::OptsBuilder::from_opts(config.database.opts().clone()).pool_opts(
+                    mysql_async::PoolOpts::default()
+                        .with_constraints(mysql_async::PoolConstraints::new(0, 1).expect("0 <= 1"))
+                        .with_reset_connection(false),
+                ),
+            ),
             metrics,
             acquire_timeout: config.db_acquire_timeout,
             query_timeout: config.db_query_timeout,
@@ -153,7 +163,11 @@ impl Store {
 
     /// Closes every pooled connection (after the HTTP drain, at shutdown).
     pub async fn close(self, within: Duration) {
-        let _ = tokio::time::timeout(within, self.pool.disconnect()).await;
+        let _ = tokio::time::timeout(within, async {
+            let _ = self.ping_pool.disconnect().await;
+            let _ = self.pool.disconnect().await;
+        })
+        .await;
     }
 
     /// Runs `f` on a pooled connection with the acquire and query timeouts, records the
@@ -207,7 +221,7 @@ impl Store {
         let _timer = self.metrics.db_timer("ping");
         let within = self.connect_timeout;
         let r = tokio::time::timeout(within, async {
-            let mut conn = self.acquire(within).await?;
+            let mut conn = self.ping_pool.get_conn().await?;
             conn.ping().await.map_err(DbError::from)
         })
         .await
