@@ -38,6 +38,8 @@ const KEEP_CHANGES: Duration = Duration::from_secs(600);
 /// A change-log id missing below the newest one seen is re-polled this long (its
 /// transaction may still commit); after that it is taken as rolled back.
 const GAP_PATIENCE: Duration = Duration::from_secs(15);
+/// At start, ids this far below the newest are checked for ones still uncommitted.
+const START_WINDOW: u64 = 1000;
 
 /// A running instance: its bound addresses and the handle to stop it.
 pub struct Running {
@@ -79,6 +81,7 @@ pub async fn start(config: Config, log: Logger) -> std::io::Result<Running> {
         config.cache_max_bytes,
         config.cache_ttl,
         config.cache_negative_ttl,
+        config.db_acquire_timeout + config.db_query_timeout,
         metrics.clone(),
     );
     let state = Arc::new(State {
@@ -354,13 +357,27 @@ async fn invalidation_loop(state: Arc<State>) {
     while !state.health.migrated.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut last = loop {
-        match state.store.last_change_id().await {
-            Ok(id) => break id,
-            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+    // Where the change log stands, and which recent ids are not committed yet (they may
+    // commit later): only then may this instance cache anything.
+    let (mut last, mut gaps) = loop {
+        let start = async {
+            let last = state.store.last_change_id().await?;
+            let from = last.saturating_sub(START_WINDOW);
+            let present = state.store.changes_since(from, &[]).await?;
+            let now = Instant::now();
+            let gaps: Vec<(u64, Instant)> = (from + 1..last)
+                .filter(|id| !present.iter().any(|c| c.id == *id))
+                .map(|id| (id, now))
+                .collect();
+            Ok::<_, crate::error::DbError>((last, gaps))
+        };
+        match start.await {
+            Ok(found) => break found,
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     };
-    let mut gaps: Vec<(u64, Instant)> = Vec::new();
+    state.cache.arm();
+    state.health.cache_armed.store(true, Ordering::SeqCst);
     let mut tick = tokio::time::interval(state.config.invalidation_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let origin = state.store.origin();

@@ -13,7 +13,8 @@
 //!   order for one key), so an older write never replaces a newer one.
 //! - Cross-replica invalidations remove an entry only if it is older than the change.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -118,6 +119,14 @@ pub struct Cache {
     negative_ttl: Duration,
     /// Entries heavier than this are served but not cached.
     max_entry_weight: usize,
+    /// Longest a read may wait for its key's loader plus its own load.
+    load_budget: Duration,
+    /// When a load last failed: readers that queued behind it fail fast instead of each
+    /// waiting its own timeout against a hung database.
+    last_failure: Mutex<Option<Instant>>,
+    /// False until the cross-replica invalidation poller knows where the change log
+    /// stands; until then nothing is cached (a change it cannot see yet could be missed).
+    armed: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -126,6 +135,7 @@ impl Cache {
         max_bytes: u64,
         ttl: Duration,
         negative_ttl: Duration,
+        load_budget: Duration,
         metrics: Arc<Metrics>,
     ) -> Cache {
         let m = metrics.clone();
@@ -146,8 +156,31 @@ impl Cache {
             ttl,
             negative_ttl,
             max_entry_weight: (max_bytes / 8) as usize,
+            load_budget,
+            last_failure: Mutex::new(None),
+            armed: AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// Starts caching (called once the invalidation poller has its starting point).
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::SeqCst)
+    }
+
+    fn failed_since(&self, t: Instant) -> bool {
+        self.last_failure
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|f| f >= t)
+    }
+
+    fn note_failure(&self) {
+        *self.last_failure.lock().expect("not poisoned") = Some(Instant::now());
     }
 
     fn slot(&self, item: Option<Arc<CachedEntry>>, rev: u64) -> Slot {
@@ -185,23 +218,28 @@ impl Cache {
                 }
             }
         }
+        let started = Instant::now();
         let mut loaded: Option<Option<Arc<CachedEntry>>> = None;
         let mut failed: Option<DbError> = None;
         let (loaded_ref, failed_ref) = (&mut loaded, &mut failed);
-        let result = self
+        let compute = self
             .inner
             .entry_by_ref(key)
             .and_compute_with(|existing| async move {
-                if !bypass
-                    && existing
-                        .as_ref()
-                        .is_some_and(|e| e.value().fresh(Instant::now()))
-                {
+                let now = Instant::now();
+                if !bypass && existing.as_ref().is_some_and(|e| e.value().fresh(now)) {
                     // Another reader loaded it while we waited for the key's lock.
+                    return Op::Nop;
+                }
+                if self.failed_since(started) {
+                    // The load we queued behind failed: do not wait out another timeout.
+                    *failed_ref =
+                        Some(DbError::Unreachable("a concurrent load just failed".into()));
                     return Op::Nop;
                 }
                 match store.get(key).await {
                     Err(e) => {
+                        self.note_failure();
                         *failed_ref = Some(e);
                         Op::Nop
                     }
@@ -210,15 +248,18 @@ impl Cache {
                         let rev = item.as_ref().map_or(0, |i| i.rev);
                         *loaded_ref = Some(item.clone());
                         let slot = self.slot(item, rev);
-                        if weight(key, &slot) > self.max_entry_weight {
+                        if !self.is_armed() || weight(key, &slot) > self.max_entry_weight {
                             Op::Remove
                         } else {
                             Op::Put(slot)
                         }
                     }
                 }
-            })
-            .await;
+            });
+        let Ok(result) = tokio::time::timeout(self.load_budget, compute).await else {
+            self.metrics.cache_misses.inc();
+            return Err(DbError::Timeout("read"));
+        };
         if let Some(e) = failed {
             self.metrics.cache_misses.inc();
             return Err(e);
@@ -236,7 +277,7 @@ impl Cache {
     /// unless the cache already reflects a newer revision.
     pub async fn put_written(&self, key: &str, item: Option<Arc<CachedEntry>>, rev: u64) {
         let slot = self.slot(item, rev);
-        let too_heavy = weight(key, &slot) > self.max_entry_weight;
+        let too_heavy = !self.is_armed() || weight(key, &slot) > self.max_entry_weight;
         self.inner
             .entry_by_ref(key)
             .and_compute_with(|existing| {

@@ -48,7 +48,7 @@ pub async fn run(
     }
     let mut written = 0;
     for (k, v) in pairs {
-        match store.upsert(k, v, None, &Precondition::None).await {
+        match store.upsert(k, v, None, &Precondition::NONE).await {
             Ok(WriteOutcome::Created(_) | WriteOutcome::Replaced(_)) => written += 1,
             Ok(other) => return Err(format!("key {k:?}: unexpected outcome {other:?}")),
             Err(e) => return Err(format!("key {k:?}: {e} ({written} keys written before)")),

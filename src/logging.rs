@@ -24,7 +24,7 @@ pub fn init(level: LogLevel) -> (Logger, LogGuard) {
             "ts" => slog::PushFnValue(|_, ser| {
                 ser.emit(crate::time::rfc3339_micros(crate::time::now_micros()))
             }),
-            "level" => slog::FnValue(|rec| rec.level().as_short_str().to_ascii_lowercase()),
+            "level" => slog::FnValue(|rec| rec.level().as_str().to_ascii_lowercase()),
             "msg" => slog::PushFnValue(|rec, ser| ser.emit(rec.msg())),
         ))
         .build()

@@ -137,11 +137,9 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
             .insert(CACHE_STATUS.clone(), cache_status);
         return Ok(resp);
     };
-    let not_modified = req.header(header::IF_NONE_MATCH).is_some_and(|v| {
-        etag_list(v)
-            .iter()
-            .any(|t| t == "*" || t.as_bytes() == item.etag.as_bytes())
-    });
+    let not_modified = req
+        .header(header::IF_NONE_MATCH)
+        .is_some_and(|v| none_match(v, item.etag.as_bytes()));
     let mut resp = if not_modified {
         let mut r = Response::new(Bytes::new().into());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -244,37 +242,42 @@ fn precondition_failed(key: &str) -> ApiError {
     ))
 }
 
-/// `If-Match` / `If-None-Match` of a write.
+/// `If-Match` / `If-None-Match` of a write (both may be given; both must hold).
 fn precondition(req: &Req) -> Result<Precondition, ApiError> {
-    let if_match = req.headers.get(header::IF_MATCH);
-    let if_none = req.headers.get(header::IF_NONE_MATCH);
-    let text = |v: &HeaderValue| {
-        v.to_str()
-            .map(etag_list)
-            .ok()
-            .filter(|l| !l.is_empty())
-            .ok_or_else(|| {
-                ApiError::InvalidRequest("malformed If-Match / If-None-Match header".into())
-            })
+    let list = |name: header::HeaderName| -> Result<Option<Vec<String>>, ApiError> {
+        let values: Vec<&HeaderValue> = req.headers.get_all(&name).iter().collect();
+        if values.is_empty() {
+            return Ok(None);
+        }
+        let mut tags = Vec::new();
+        for v in values {
+            let text = v.to_str().map_err(|_| {
+                ApiError::InvalidRequest(format!("the {name} header is not visible ASCII"))
+            })?;
+            tags.extend(etag_list(text));
+        }
+        Ok(Some(tags))
     };
-    match (if_match, if_none) {
-        (Some(_), Some(_)) => Err(ApiError::InvalidRequest(
-            "send either If-Match or If-None-Match, not both".into(),
-        )),
-        (Some(v), None) => Ok(Precondition::IfMatch(text(v)?)),
-        (None, Some(v)) => Ok(Precondition::IfNoneMatch(text(v)?)),
-        (None, None) => Ok(Precondition::None),
-    }
+    Ok(Precondition {
+        if_match: list(header::IF_MATCH)?,
+        if_none_match: list(header::IF_NONE_MATCH)?,
+    })
 }
 
-/// Splits an ETag list header; weak tags (`W/"…"`) compare by their opaque part.
+/// Splits an entity-tag list header (`"a", W/"b", *`), keeping weak markers.
 fn etag_list(v: &str) -> Vec<String> {
     v.split(',')
-        .map(|t| t.trim())
-        .map(|t| t.strip_prefix("W/").unwrap_or(t))
+        .map(str::trim)
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// `If-None-Match` on a read: weak comparison.
+fn none_match(header: &str, etag: &[u8]) -> bool {
+    etag_list(header)
+        .iter()
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == etag)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -368,6 +371,18 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
 
 /// The key of `/v1/keys/{key}`: percent-decoded, then validated.
 pub fn key_from_path(raw: &str) -> Result<String, ApiError> {
+    // A `%` must start an escape: `%A` or `%%41` is not a key spelling two paths could share.
+    let b = raw.as_bytes();
+    if b.iter().enumerate().any(|(i, c)| {
+        *c == b'%'
+            && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    }) {
+        return Err(ApiError::InvalidKey(
+            "the key has a malformed percent-escape ('%' must be followed by two hex digits)"
+                .into(),
+        ));
+    }
     let key = percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| {
@@ -417,6 +432,12 @@ struct PostBody<'a> {
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(raw: &'a [u8]) -> Result<T, ApiError> {
+    // serde's derive would also take a JSON array as the fields in order: refuse it.
+    if raw.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidJson(
+            "the body must be a JSON object".into(),
+        ));
+    }
     serde_json::from_slice(raw).map_err(|e| {
         ApiError::InvalidJson(format!(
             "the body is not the JSON this endpoint expects: {e}"
@@ -558,6 +579,9 @@ mod tests {
         assert_eq!(key_from_path("a%00b").unwrap_err().code(), "invalid_key");
         assert_eq!(key_from_path("a%7Fb").unwrap_err().code(), "invalid_key");
         assert_eq!(key_from_path("a%0Ab").unwrap_err().code(), "invalid_key");
+        assert_eq!(key_from_path("pct%A").unwrap_err().code(), "invalid_key");
+        assert_eq!(key_from_path("pct%%41").unwrap_err().code(), "invalid_key");
+        assert_eq!(key_from_path("100%25").unwrap(), "100%");
         assert!(validate_key(&"k".repeat(512)).is_ok());
         assert!(validate_key(&"k".repeat(513)).is_err());
         // 512 bytes is counted in bytes: 256 two-byte characters fit, 257 do not.
@@ -593,6 +617,12 @@ mod tests {
 
     #[test]
     fn etag_lists() {
-        assert_eq!(etag_list("\"1\", W/\"2\" ,*"), vec!["\"1\"", "\"2\"", "*"]);
+        assert_eq!(
+            etag_list("\"1\", W/\"2\" ,*"),
+            vec!["\"1\"", "W/\"2\"", "*"]
+        );
+        assert!(none_match("W/\"2\"", b"\"2\""));
+        assert!(none_match("\"1\", \"2\"", b"\"2\""));
+        assert!(!none_match("\"1\"", b"\"2\""));
     }
 }

@@ -43,6 +43,8 @@ pub const REQUEST_ID: &str = "x-request-id";
 #[derive(Default)]
 pub struct Health {
     pub migrated: AtomicBool,
+    /// The invalidation poller knows where the change log stands (caching is on).
+    pub cache_armed: AtomicBool,
     pub db_up: AtomicBool,
     pub shutting_down: AtomicBool,
 }
@@ -56,6 +58,8 @@ impl Health {
             Some("the database schema is not ready yet (migrations pending)")
         } else if !self.db_up.load(Ordering::Relaxed) {
             Some("the database is unreachable")
+        } else if !self.cache_armed.load(Ordering::Relaxed) {
+            Some("the cache is not synchronised with the change log yet")
         } else {
             None
         }

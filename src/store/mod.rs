@@ -74,32 +74,36 @@ impl Entry {
     }
 }
 
-/// Conditions of a write (`If-Match` / `If-None-Match: *`).
+/// Conditions of a write (RFC 9110 §13.1): `If-Match` and `If-None-Match`, each a list of
+/// entity tags or `*`. Both may be given; both must hold. An empty list matches nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Precondition {
-    #[default]
-    None,
-    /// `If-Match`: one of these ETags (or `*` = any) must be current.
-    IfMatch(Vec<String>),
-    /// `If-None-Match`: `*` = the key must not exist; else none of these ETags is current.
-    IfNoneMatch(Vec<String>),
+pub struct Precondition {
+    /// Strong comparison: a weak tag (`W/"…"`) never matches.
+    pub if_match: Option<Vec<String>>,
+    /// Weak comparison: `W/"7"` matches `"7"`.
+    pub if_none_match: Option<Vec<String>>,
 }
 
 impl Precondition {
+    pub const NONE: Precondition = Precondition {
+        if_match: None,
+        if_none_match: None,
+    };
+
     fn allows(&self, current: Option<u64>) -> bool {
-        match (self, current) {
-            (Precondition::None, _) => true,
-            (Precondition::IfMatch(_), None) => false,
-            (Precondition::IfMatch(tags), Some(rev)) => {
-                let etag = etag_of(rev);
-                tags.iter().any(|t| t == "*" || *t == etag)
-            }
-            (Precondition::IfNoneMatch(_), None) => true,
-            (Precondition::IfNoneMatch(tags), Some(rev)) => {
-                let etag = etag_of(rev);
-                !tags.iter().any(|t| t == "*" || *t == etag)
-            }
-        }
+        let etag = current.map(etag_of);
+        let if_match_holds = match (&self.if_match, &etag) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(tags), Some(etag)) => tags.iter().any(|t| t == "*" || t == etag),
+        };
+        let if_none_match_holds = match (&self.if_none_match, &etag) {
+            (None, _) | (Some(_), None) => true,
+            (Some(tags), Some(etag)) => !tags
+                .iter()
+                .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag),
+        };
+        if_match_holds && if_none_match_holds
     }
 }
 
@@ -126,9 +130,10 @@ pub struct Change {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
-    /// One connection of its own for the readiness ping, so a saturated pool (overload)
-    /// does not make every replica report not-ready at once.
-    ping_pool: Pool,
+    /// Two connections of their own for the readiness ping and the change-log poll, so a
+    /// saturated pool (overload) neither flips readiness nor stalls cross-replica
+    /// invalidation.
+    side_pool: Pool,
     metrics: Arc<Metrics>,
     acquire_timeout: Duration,
     query_timeout: Duration,
@@ -142,10 +147,10 @@ impl Store {
         metrics.db_pool_max.set(config.db_pool_max as i64);
         Store {
             pool: Pool::new(config.database.opts().clone()),
-            ping_pool: Pool::new(
+            side_pool: Pool::new(
                 mysql_async::OptsBuilder::from_opts(config.database.opts().clone()).pool_opts(
                     mysql_async::PoolOpts::default()
-                        .with_constraints(mysql_async::PoolConstraints::new(0, 1).expect("0 <= 1"))
+                        .with_constraints(mysql_async::PoolConstraints::new(0, 2).expect("0 <= 2"))
                         .with_reset_connection(false),
                 ),
             ),
@@ -164,7 +169,7 @@ impl Store {
     /// Closes every pooled connection (after the HTTP drain, at shutdown).
     pub async fn close(self, within: Duration) {
         let _ = tokio::time::timeout(within, async {
-            let _ = self.ping_pool.disconnect().await;
+            let _ = self.side_pool.disconnect().await;
             let _ = self.pool.disconnect().await;
         })
         .await;
@@ -180,7 +185,7 @@ impl Store {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            let r = self.once(&mut f).await;
+            let r = self.once(operation, &mut f).await;
             match r {
                 Err(e) if e.is_retryable() && attempt < WRITE_ATTEMPTS => {
                     tokio::time::sleep(Duration::from_millis(2 * attempt as u64)).await;
@@ -194,11 +199,16 @@ impl Store {
         result
     }
 
-    async fn once<'a, T, F>(&self, f: &mut F) -> Result<T, DbError>
+    async fn once<'a, T, F>(&self, operation: &'static str, f: &mut F) -> Result<T, DbError>
     where
         F: FnMut(Conn) -> BoxFuture<'a, Result<T, mysql_async::Error>>,
     {
-        let conn = self.acquire(self.acquire_timeout).await?;
+        let pool = if operation == "poll" {
+            &self.side_pool
+        } else {
+            &self.pool
+        };
+        let conn = self.acquire(pool, self.acquire_timeout).await?;
         let _in_use = InUse::new(&self.metrics);
         match tokio::time::timeout(self.query_timeout, f(conn)).await {
             Ok(r) => r.map_err(DbError::from),
@@ -206,9 +216,9 @@ impl Store {
         }
     }
 
-    async fn acquire(&self, within: Duration) -> Result<Conn, DbError> {
+    async fn acquire(&self, pool: &Pool, within: Duration) -> Result<Conn, DbError> {
         self.metrics.db_pool_waiting.inc();
-        let r = tokio::time::timeout(within, self.pool.get_conn()).await;
+        let r = tokio::time::timeout(within, pool.get_conn()).await;
         self.metrics.db_pool_waiting.dec();
         match r {
             Err(_) => Err(DbError::Timeout("connection")),
@@ -221,7 +231,7 @@ impl Store {
         let _timer = self.metrics.db_timer("ping");
         let within = self.connect_timeout;
         let r = tokio::time::timeout(within, async {
-            let mut conn = self.ping_pool.get_conn().await?;
+            let mut conn = self.side_pool.get_conn().await?;
             conn.ping().await.map_err(DbError::from)
         })
         .await
@@ -235,7 +245,7 @@ impl Store {
     /// Applies pending migrations under a named lock (see `migrations`).
     pub async fn migrate(&self) -> Result<Vec<u32>, DbError> {
         let _timer = self.metrics.db_timer("migrate");
-        let mut conn = self.acquire(self.connect_timeout).await?;
+        let mut conn = self.acquire(&self.pool, self.connect_timeout).await?;
         migrations::apply(&mut conn).await.map_err(DbError::from)
     }
 
@@ -610,19 +620,56 @@ mod tests {
         assert_eq!(prefix_upper_bound(b"\xff\xff"), None);
     }
 
+    fn tags(t: &[&str]) -> Option<Vec<String>> {
+        Some(t.iter().map(|s| s.to_string()).collect())
+    }
+
     #[test]
     fn preconditions() {
-        let m = Precondition::IfMatch(vec!["\"7\"".into()]);
+        let m = Precondition {
+            if_match: tags(&["\"7\""]),
+            ..Default::default()
+        };
         assert!(m.allows(Some(7)));
         assert!(!m.allows(Some(8)));
         assert!(!m.allows(None));
-        assert!(Precondition::IfMatch(vec!["*".into()]).allows(Some(1)));
-        let any = Precondition::IfNoneMatch(vec!["*".into()]);
+        let weak = Precondition {
+            if_match: tags(&["W/\"7\""]),
+            ..Default::default()
+        };
+        assert!(!weak.allows(Some(7)), "If-Match uses strong comparison");
+        let star = Precondition {
+            if_match: tags(&["*"]),
+            ..Default::default()
+        };
+        assert!(star.allows(Some(1)) && !star.allows(None));
+        let empty = Precondition {
+            if_match: tags(&[]),
+            ..Default::default()
+        };
+        assert!(!empty.allows(Some(1)) && !empty.allows(None));
+        let any = Precondition {
+            if_none_match: tags(&["*"]),
+            ..Default::default()
+        };
         assert!(any.allows(None));
         assert!(!any.allows(Some(1)));
-        let not7 = Precondition::IfNoneMatch(vec!["\"7\"".into()]);
+        let not7 = Precondition {
+            if_none_match: tags(&["W/\"7\""]),
+            ..Default::default()
+        };
         assert!(not7.allows(Some(8)));
-        assert!(!not7.allows(Some(7)));
-        assert!(Precondition::None.allows(None));
+        assert!(!not7.allows(Some(7)), "If-None-Match uses weak comparison");
+        assert!(Precondition {
+            if_none_match: tags(&[]),
+            ..Default::default()
+        }
+        .allows(Some(1)));
+        let both = Precondition {
+            if_match: tags(&["\"7\""]),
+            if_none_match: tags(&["\"7\""]),
+        };
+        assert!(!both.allows(Some(7)));
+        assert!(Precondition::NONE.allows(None) && Precondition::NONE.allows(Some(3)));
     }
 }

@@ -216,7 +216,7 @@ async fn a_slow_loader_never_overwrites_a_newer_write() {
         let e = match direct
             .state()
             .store
-            .upsert("race", "\"new\"", None, &Default::default())
+            .upsert("race", "\"new\"", None, &kvstore::store::Precondition::NONE)
             .await
             .unwrap()
         {

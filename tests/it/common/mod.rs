@@ -25,7 +25,10 @@ pub fn server_url() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| match std::env::var("TEST_DATABASE_URL") {
         Ok(u) if !u.trim().is_empty() => strip_db(u.trim()),
-        _ => start_throwaway_server(),
+        // On a thread of its own: this may be called inside a test's runtime.
+        _ => std::thread::spawn(start_throwaway_server)
+            .join()
+            .expect("database start"),
     })
 }
 
