@@ -1480,7 +1480,16 @@ def test_schemathesis(database_url, kvstore_bin, tmp_path):
         assert proc.poll() is None, "kvstore died under schemathesis:\n" + "\n".join(lines[-30:])
         assert res.returncode == 0, f"schemathesis {schemathesis.__version__} failed " \
             f"({' '.join(cmd[2:])}):\n{out[-12000:]}"
-        assert "No issues found" in out, out[-3000:]
+        # schemathesis's "Schema validation mismatch" warning is a heuristic on the share of
+        # 4xx answers; on the conditional writes it counts the 412s that random If-Match values
+        # must get (accepted above as valid answers). Any other warning, and any failure, fails.
+        benign = re.compile(r"^\s*- (PUT|DELETE) /v1/keys/\{key\}$|^\s*- POST /v1/keys$")
+        if "No issues found" not in out:
+            assert "Schema validation mismatch" in out and "failures" not in out, out[-3000:]
+            listed = [l for l in out.splitlines() if l.strip().startswith("- ")
+                      and ("/v1/" in l or l.strip().startswith("- GET") or l.strip().startswith("- HEAD"))]
+            assert listed and all(benign.match(l) for l in listed), out[-3000:]
+            assert out.count("⚠️") <= 2, out[-3000:]
         panics = [l for l in lines if "panicked" in l or '"msg":"internal error"' in l]
         assert not panics, panics[:5]
     finally:
