@@ -26,7 +26,7 @@ section "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
 section "cargo test"
-cargo test --all-targets
+cargo test
 
 section "benchmark code compiles (cargo bench --no-run)"
 cargo bench --no-run --quiet
