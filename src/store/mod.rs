@@ -149,9 +149,12 @@ impl Store {
             pool: Pool::new(config.database.opts().clone()),
             side_pool: Pool::new(
                 mysql_async::OptsBuilder::from_opts(config.database.opts().clone()).pool_opts(
-                    mysql_async::PoolOpts::default()
-                        .with_constraints(mysql_async::PoolConstraints::new(0, 2).expect("0 <= 2"))
-                        .with_reset_connection(false),
+                    config
+                        .database
+                        .opts()
+                        .pool_opts()
+                        .clone()
+                        .with_constraints(mysql_async::PoolConstraints::new(1, 2).expect("1 <= 2")),
                 ),
             ),
             metrics,

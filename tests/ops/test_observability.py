@@ -40,7 +40,7 @@ import extract_rules  # noqa: E402  (tests/ops/promtool/extract_rules.py)
 
 DASHBOARD = REPO / "dashboards" / "kvstore.json"
 RULE_FILE = extract_rules.PROMETHEUS_RULE
-DOCS = REPO / "docs" / "observability.md"
+DOCS = REPO / "README.md"
 RUNBOOK_BASE = "https://github.com/kvstore/kvstore/blob/main/README.md#"
 
 # What the Grafana variables stand for when a query is checked or sent to Prometheus.
