@@ -8,6 +8,26 @@ use crate::config::LogLevel;
 
 pub struct LogGuard(Option<slog_async::AsyncGuard>);
 
+/// Collects one record and writes it to stdout in one call when slog-json flushes (once
+/// per record): stdout's lock and line scanning once per line, not once per token.
+struct LineBuffered {
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for LineBuffered {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut out = std::io::stdout().lock();
+        let r = out.write_all(&self.buf).and_then(|_| out.flush());
+        self.buf.clear();
+        r
+    }
+}
+
 impl Drop for LogGuard {
     fn drop(&mut self) {
         // Dropping the AsyncGuard joins the writer thread after it has written every record.
@@ -17,18 +37,20 @@ impl Drop for LogGuard {
 
 /// Builds the process logger. Every record carries `ts`, `level` and `msg` plus its fields.
 pub fn init(level: LogLevel) -> (Logger, LogGuard) {
-    let json = slog_json::Json::new(std::io::stdout())
-        .set_newlines(true)
-        .set_flush(true)
-        .add_key_value(o!(
-            "ts" => slog::PushFnValue(|_, ser| {
-                ser.emit(crate::time::rfc3339_micros(crate::time::now_micros()))
-            }),
-            "level" => slog::FnValue(|rec| rec.level().as_str().to_ascii_lowercase()),
-            "msg" => slog::PushFnValue(|rec, ser| ser.emit(rec.msg())),
-        ))
-        .build()
-        .fuse();
+    let json = slog_json::Json::new(LineBuffered {
+        buf: Vec::with_capacity(512),
+    })
+    .set_newlines(true)
+    .set_flush(true)
+    .add_key_value(o!(
+        "ts" => slog::PushFnValue(|_, ser| {
+            ser.emit(crate::time::rfc3339_micros(crate::time::now_micros()))
+        }),
+        "level" => slog::FnValue(|rec| rec.level().as_str().to_ascii_lowercase()),
+        "msg" => slog::PushFnValue(|rec, ser| ser.emit(rec.msg())),
+    ))
+    .build()
+    .fuse();
     let (drain, guard) = slog_async::Async::new(json)
         .chan_size(16 * 1024)
         .overflow_strategy(slog_async::OverflowStrategy::DropAndReport)

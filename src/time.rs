@@ -83,6 +83,12 @@ mod tests {
         let us = 1_795_377_288_123_456; // 2026-11-22T19:54:48.123456Z
         assert_eq!(rfc3339_micros(us), "2026-11-22T19:54:48.123456Z");
         assert_eq!(http_date(us), "Sun, 22 Nov 2026 19:54:48 GMT");
+        assert_eq!(rfc3339_micros(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            rfc3339_micros(951_782_400_000_007),
+            "2000-02-29T00:00:00.000007Z"
+        );
         assert_eq!(from_sql(&to_sql(us)), Some(us));
         assert_eq!(
             from_sql(&Value::Bytes(b"2026-11-22 19:54:48.123456".to_vec())),

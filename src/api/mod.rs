@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use warp::http::{header, HeaderMap, HeaderValue, Method, Request};
+use warp::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
 use warp::reply::Response;
 use warp::Filter;
 
@@ -37,7 +37,7 @@ pub mod route {
     pub const UNMATCHED: &str = "unmatched";
 }
 
-pub const REQUEST_ID: &str = "x-request-id";
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Process-wide health flags, shared by the probes and the background tasks.
 #[derive(Default)]
@@ -117,19 +117,29 @@ impl Req {
     }
 }
 
-/// The route label travels from the handler to the envelope in a response extension.
-#[derive(Clone, Copy)]
-struct RouteLabel(&'static str);
+/// The route template of a path (the `route` label), decided the way the routes are.
+pub fn route_of(path: &str) -> &'static str {
+    match path {
+        "/v1/keys" => route::KEYS,
+        "/v1/stats" => route::STATS,
+        "/" => route::ROOT,
+        "/healthz" => route::HEALTHZ,
+        "/readyz" => route::READYZ,
+        "/openapi.json" => route::OPENAPI,
+        p if p.starts_with("/v1/keys/") => route::KEY,
+        _ => route::UNMATCHED,
+    }
+}
 
-/// Turns a handler result into the response, tagged with its route template. Internal
-/// errors are logged here with their cause (the client only sees the request id).
+/// Turns a handler result into the response. Internal errors are logged here with their
+/// cause (the client only sees the request id).
 pub fn finish(
     state: &State,
     req: &Req,
     route: &'static str,
     r: Result<Response, ApiError>,
 ) -> Response {
-    let mut resp = match r {
+    match r {
         Ok(resp) => resp,
         Err(e) => {
             if let ApiError::Internal(cause) = &e {
@@ -137,9 +147,7 @@ pub fn finish(
             }
             e.into_response(&req.id)
         }
-    };
-    resp.extensions_mut().insert(RouteLabel(route));
-    resp
+    }
 }
 
 pub fn json_response(status: warp::http::StatusCode, body: impl Into<bytes::Bytes>) -> Response {
@@ -158,7 +166,7 @@ fn with_req() -> impl Filter<Extract = (Req,), Error = Infallible> + Clone {
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .map(|method: Method, headers: HeaderMap, query: String| {
             let id = headers
-                .get(REQUEST_ID)
+                .get(&REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
@@ -234,7 +242,7 @@ pub fn routes(
 
 /// A request id from the client if it is sane (1–128 of `[A-Za-z0-9._:-]`), else a new one.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get(REQUEST_ID) {
+    if let Some(v) = headers.get(&REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
@@ -244,8 +252,10 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    HeaderValue::from_str(&id).expect("uuid is ASCII")
+    let mut buf = [0u8; 32];
+    let id = uuid::Uuid::new_v4().simple().encode_lower(&mut buf);
+    HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(id.as_bytes()))
+        .expect("uuid is ASCII")
 }
 
 /// The envelope around every API request: request id in and out, a time budget, the
@@ -256,8 +266,9 @@ where
 {
     let start = Instant::now();
     let id = request_id(req.headers());
-    req.headers_mut().insert(REQUEST_ID, id.clone());
+    req.headers_mut().insert(REQUEST_ID.clone(), id.clone());
     let method = metrics::method_label(req.method());
+    let route = route_of(req.uri().path());
     state.metrics.http_in_flight.inc();
     let _in_flight = scopeguard(&state.metrics);
 
@@ -268,18 +279,10 @@ where
     let mut resp = match tokio::time::timeout(budget, svc.call(req)).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(never)) => match never {},
-        Err(_) => {
-            let mut r = ApiError::Unavailable("the request took too long; retry shortly".into())
-                .into_response(id.to_str().unwrap_or_default());
-            r.extensions_mut().insert(RouteLabel(route::UNMATCHED));
-            r
-        }
+        Err(_) => ApiError::Unavailable("the request took too long; retry shortly".into())
+            .into_response(id.to_str().unwrap_or_default()),
     };
-    let route = resp
-        .extensions()
-        .get::<RouteLabel>()
-        .map_or(route::UNMATCHED, |r| r.0);
-    resp.headers_mut().insert(REQUEST_ID, id.clone());
+    resp.headers_mut().insert(REQUEST_ID.clone(), id.clone());
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     let class = metrics::status_class(status);

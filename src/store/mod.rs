@@ -49,28 +49,35 @@ pub fn etag_of(rev: u64) -> String {
 }
 
 impl Entry {
-    /// The entry's JSON document, as every endpoint returns it.
+    /// The entry's JSON document, as every endpoint returns it. The stored value is
+    /// already validated compact JSON, so it is copied as is.
     pub fn to_json(&self) -> Vec<u8> {
-        #[derive(serde::Serialize)]
-        struct Doc<'a> {
-            key: &'a str,
-            value: &'a serde_json::value::RawValue,
-            version: u64,
-            created_at: String,
-            updated_at: String,
-            expires_at: Option<String>,
+        let mut out = Vec::with_capacity(self.key.len() + self.value.len() + 160);
+        out.extend_from_slice(b"{\"key\":");
+        serde_json::to_writer(&mut out, &self.key).expect("a string serializes");
+        out.extend_from_slice(b",\"value\":");
+        out.extend_from_slice(self.value.as_bytes());
+        out.extend_from_slice(b",\"version\":");
+        out.extend_from_slice(self.version.to_string().as_bytes());
+        for (name, ts) in [
+            ("created_at", Some(self.created_at)),
+            ("updated_at", Some(self.updated_at)),
+            ("expires_at", self.expires_at),
+        ] {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+            match ts {
+                Some(t) => {
+                    out.push(b'"');
+                    out.extend_from_slice(time::rfc3339_micros(t).as_bytes());
+                    out.push(b'"');
+                }
+                None => out.extend_from_slice(b"null"),
+            }
         }
-        let null: &serde_json::value::RawValue = serde_json::from_str("null").expect("null");
-        let value = serde_json::from_str(&self.value).unwrap_or(null);
-        let doc = Doc {
-            key: &self.key,
-            value,
-            version: self.version,
-            created_at: time::rfc3339_micros(self.created_at),
-            updated_at: time::rfc3339_micros(self.updated_at),
-            expires_at: self.expires_at.map(time::rfc3339_micros),
-        };
-        serde_json::to_vec(&doc).expect("entry serializes")
+        out.push(b'}');
+        out
     }
 }
 
@@ -212,7 +219,7 @@ impl Store {
             &self.pool
         };
         let conn = self.acquire(pool, self.acquire_timeout).await?;
-        let _in_use = InUse::new(&self.metrics);
+        let _in_use = Gauge::hold(&self.metrics.db_pool_in_use);
         match tokio::time::timeout(self.query_timeout, f(conn)).await {
             Ok(r) => r.map_err(DbError::from),
             Err(_) => Err(DbError::Timeout("query")),
@@ -220,9 +227,8 @@ impl Store {
     }
 
     async fn acquire(&self, pool: &Pool, within: Duration) -> Result<Conn, DbError> {
-        self.metrics.db_pool_waiting.inc();
+        let _waiting = Gauge::hold(&self.metrics.db_pool_waiting);
         let r = tokio::time::timeout(within, pool.get_conn()).await;
-        self.metrics.db_pool_waiting.dec();
         match r {
             Err(_) => Err(DbError::Timeout("connection")),
             Ok(r) => r.map_err(DbError::from),
@@ -514,19 +520,20 @@ impl Store {
     }
 }
 
-/// Counts a checked-out connection for the pool gauge, even if the future is dropped.
-struct InUse<'a>(&'a Metrics);
+/// Holds a gauge one higher while alive, even if the future holding it is dropped
+/// (connections checked out, operations waiting for one).
+struct Gauge<'a>(&'a prometheus::IntGauge);
 
-impl<'a> InUse<'a> {
-    fn new(m: &'a Metrics) -> Self {
-        m.db_pool_in_use.inc();
-        InUse(m)
+impl<'a> Gauge<'a> {
+    fn hold(g: &'a prometheus::IntGauge) -> Self {
+        g.inc();
+        Gauge(g)
     }
 }
 
-impl Drop for InUse<'_> {
+impl Drop for Gauge<'_> {
     fn drop(&mut self) {
-        self.0.db_pool_in_use.dec();
+        self.0.dec();
     }
 }
 
