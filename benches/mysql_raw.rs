@@ -1,6 +1,7 @@
 //! The database's own ceiling for `just bench`: raw mysql_async at a given concurrency, no HTTP,
 //! no cache, with the service's pool settings (src/config.rs: pool of KV_DB_POOL_MAX
-//! connections, no reset between uses, statement cache, the same session init, TCP_NODELAY).
+//! connections, no reset between uses, idle connections kept for 60 s, statement cache, the
+//! same session init, TCP_NODELAY).
 //!
 //!   mysql_raw select URL KEYS [CONCURRENCY] [SECONDS] [POOL_MAX]
 //!       point SELECTs by primary key on kv_entries, the service's own query, random keys
@@ -101,7 +102,11 @@ fn main() {
             .pool_opts(
                 PoolOpts::default()
                     .with_constraints(constraints)
-                    .with_reset_connection(false),
+                    .with_reset_connection(false)
+                    // keep idle connections up to the max (the driver's default of 0 closes
+                    // every connection returned above the minimum: a baseline must not churn)
+                    .with_inactive_connection_ttl(Duration::from_secs(60))
+                    .with_ttl_check_interval(Duration::from_secs(15)),
             )
             .init(vec![
                 "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",

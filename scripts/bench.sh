@@ -56,6 +56,8 @@ done
 NPROC=$(nproc)
 [ "$NPROC" -ge 2 ] || die "needs at least 2 CPUs (server and load generator on different cores); nproc=$NPROC"
 
+LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
 # --- build -------------------------------------------------------------------------------
 log "building release binaries (kvstore, benches/warp_ceiling, benches/mysql_raw)"
 W=$(mktemp -d "${TMPDIR:-/tmp}/kvstore-bench.XXXXXX")
@@ -105,10 +107,15 @@ metric() { # metric ADDR NAME -> value (0 if absent)
   curl -fsS "http://$1/metrics" | awk -v n="$2" '$1 == n {v = $2} END {printf "%d", v + 0}'
 }
 
-declare -A RPS P50 P99 ERR RSS CPU HIT
+declare -A RPS P50 P99 ERR RSS CPU HIT DBC STEAL
+# CPU time the hypervisor gave to other guests (/proc/stat "steal"), all CPUs, in ticks
+steal_ticks() { awk '$1 == "cpu" {print $9}' /proc/stat; }
+steal_pct() { awk -v a="$1" -v b="$2" -v t="$TCK" -v s="$SECS" -v n="$NPROC" 'BEGIN {printf "%.0f%%", 100 * (b - a) / t / s / n}'; }
+# MySQL connections opened (the status counter, minus the one this query opens)
+db_connections() { "${SQL[@]}" -N -e "SHOW GLOBAL STATUS LIKE 'Connections'" | awk '{print $2}'; }
+SQL=()
 ANY_ERRORS=0
 
-# record NAME RESULT_LINE PID(or -) CPU_TICKS_BEFORE HITS_BEFORE MISSES_BEFORE METRICS_ADDR(or -)
 parse_result() { # NAME LINE -> sets RPS P50 P99 ERR
   local name=$1 line=$2
   [ -n "$line" ] || die "$name: no BENCH_RESULT line (see $W)"
@@ -132,8 +139,10 @@ wrk_run() {
   if [ "$WARM" != 0 ]; then
     taskset -c "$LCORE" wrk -t1 -c"$CONNS" -d"${WARM}s" -s "$script" "$url" >"$W/$name.warmup.txt" 2>&1
   fi
-  local t0 h0=0 m0=0
+  local t0 h0=0 m0=0 c0=0 s0
   t0=$(cpu_ticks "$pid")
+  s0=$(steal_ticks)
+  [ -n "$DBDIR" ] && c0=$(db_connections)
   if [ "$maddr" != - ]; then
     h0=$(metric "$maddr" kvstore_cache_hits_total); m0=$(metric "$maddr" kvstore_cache_misses_total)
   fi
@@ -142,8 +151,11 @@ wrk_run() {
     || die "wrk failed for $name: $(cat "$W/$name.txt")"
   local t1
   t1=$(cpu_ticks "$pid")
+  STEAL[$name]=$(steal_pct "$s0" "$(steal_ticks)")
   parse_result "$name" "$(grep BENCH_RESULT "$W/$name.txt" || true)"
   RSS[$name]=$(rss_mib "$pid")
+  DBC[$name]="–"
+  [ -n "$DBDIR" ] && DBC[$name]=$(( $(db_connections) - c0 - 1 ))
   CPU[$name]=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v s="$SECS" 'BEGIN {printf "%.0f%%", 100 * (b - a) / t / s}')
   if [ "$maddr" != - ]; then
     local h1 m1
@@ -159,7 +171,9 @@ raw_run() {
   taskset -c "$SCORE" "$RAW" "$@" "$CONNS" "$SECS" "$POOL" >"$W/$name.txt" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
-  local t0 t1=0 rc=0
+  local t0 t1=0 rc=0 c0 s0
+  c0=$(db_connections)
+  s0=$(steal_ticks)
   t0=$(cpu_ticks "$pid" 2>/dev/null || echo 0)
   # sample the CPU just before it exits: poll until the result line appears
   while kill -0 "$pid" 2>/dev/null; do
@@ -167,9 +181,11 @@ raw_run() {
     sleep 0.2
   done
   wait "$pid" || rc=$?
+  STEAL[$name]=$(steal_pct "$s0" "$(steal_ticks)")
   [ "$rc" = 0 ] || die "mysql_raw $name failed: $(cat "$W/$name.txt")"
   parse_result "$name" "$(grep BENCH_RESULT "$W/$name.txt" || true)"
   RSS[$name]="–"; HIT[$name]="–"
+  DBC[$name]=$(( $(db_connections) - c0 - 1 ))
   CPU[$name]=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v s="$SECS" 'BEGIN {printf "%.0f%%", 100 * (b - a) / t / s}')
 }
 
@@ -393,7 +409,7 @@ TOTAL_ERR=0
 for k in "${!ERR[@]}"; do TOTAL_ERR=$((TOTAL_ERR + ERR[$k])); done
 
 row() { # LABEL KEY
-  echo "| $1 | ${RPS[$2]} | ${P50[$2]} | ${P99[$2]} | ${ERR[$2]} | ${RSS[$2]} | ${CPU[$2]} | ${HIT[$2]} |"
+  echo "| $1 | ${RPS[$2]} | ${P50[$2]} | ${P99[$2]} | ${ERR[$2]} | ${RSS[$2]} | ${CPU[$2]} | ${HIT[$2]} | ${DBC[$2]} | ${STEAL[$2]} |"
 }
 MISS_CACHE_H=$(awk -v c="$MISS_CACHE" 'BEGIN {printf "%g MiB", c / 1048576}')
 CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
@@ -402,14 +418,15 @@ mkdir -p "$(dirname "$OUT")"
   echo "### kvstore benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "Machine: $NPROC CPUs, $CPU_MODEL; Linux $(uname -r); MariaDB $DB_VERSION;"\
-    "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'); kvstore $("$KVSTORE" --version | awk '{print $2, $3}')."
+    "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'); kvstore $("$KVSTORE" --version | awk '{print $2, $3}');"\
+    "load average before the build $LOAD_AT_START (other work on the machine skews every figure)."
   echo "Pinning: the server under test (kvstore, warp_ceiling, mysql_raw) on core $SCORE, wrk on core $LCORE" \
     "(\`taskset\`), MariaDB unpinned (durable: innodb_flush_log_at_trx_commit=1, ext4)."
   echo "Each run: ${SECS} s after a ${WARM} s warm-up, wrk -t1 -c$CONNS (mysql_raw: $CONNS tasks), pool $POOL;" \
     "$HOT hot keys, $MISS keys for misses; values ≈ 85 B of JSON, entry documents ≈ 225 B."
   echo
-  echo "| scenario | req/s | p50 ms | p99 ms | errors | RSS MiB | server CPU | cache hits |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| scenario | req/s | p50 ms | p99 ms | errors | RSS MiB | server CPU | cache hits | DB conns opened | CPU steal |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   row "baseline: warp ceiling, GET from a HashMap" ceiling
   row "baseline: mysql_async point SELECT (no HTTP)" raw_select
   row "baseline: mysql_async durable upsert (no HTTP)" raw_upsert
@@ -431,7 +448,10 @@ mkdir -p "$(dirname "$OUT")"
   echo
   echo "errors = wrk socket errors + responses ≥ 400 (mysql_raw: failed queries); server CPU = CPU time of"\
     "the server process / wall time (100% = the one core it is pinned to); cache hits = hits / (hits + misses)"\
-    "from kvstore_cache_{hits,misses}_total over the run."
+    "from kvstore_cache_{hits,misses}_total over the run; DB conns opened = MySQL connections opened during"\
+    "the run (MariaDB status counter \`Connections\`; mysql_async counts 2 per connection, TCP then the Unix"\
+    "socket it switches to; a warm pool opens ~0); CPU steal = share of the machine's CPU time the"\
+    "hypervisor gave to other guests during the run (/proc/stat), a sign the figures are skewed."
 } >"$OUT.tmp"
 # verdict() runs in subshells above: recompute MISSED here
 for c in "ge $R_CACHED 0.8" "ge $R_MISS 0.5" "ge $R_PUT 0.4" "le ${P99[cached]} 2" \

@@ -138,15 +138,16 @@ impl Cache {
         load_budget: Duration,
         metrics: Arc<Metrics>,
     ) -> Cache {
-        let m = metrics.clone();
+        let by_size = metrics.cache_evictions.with_label_values(&["size"]);
+        let by_expiry = metrics.cache_evictions.with_label_values(&["expired"]);
         let inner = moka::future::Cache::builder()
             .name("kvstore")
             .max_capacity(max_bytes)
             .weigher(|k: &String, v: &Slot| weight(k, v).try_into().unwrap_or(u32::MAX))
             .expire_after(ByDeadline)
             .eviction_listener(move |_k, _v, cause| match cause {
-                RemovalCause::Size => m.cache_evictions.with_label_values(&["size"]).inc(),
-                RemovalCause::Expired => m.cache_evictions.with_label_values(&["expired"]).inc(),
+                RemovalCause::Size => by_size.inc(),
+                RemovalCause::Expired => by_expiry.inc(),
                 RemovalCause::Explicit | RemovalCause::Replaced => {}
             })
             .build();
