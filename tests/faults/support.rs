@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::common::{is_root, which};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_kvstore");
 
 /// The fault tests measure timings on a small machine: they run one at a time.
@@ -64,31 +66,6 @@ pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
-}
-
-fn which(names: &[&str]) -> Option<String> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    for n in names {
-        for dir in path
-            .split(':')
-            .chain(["/usr/sbin", "/usr/local/sbin", "/usr/bin"])
-        {
-            let p = format!("{dir}/{n}");
-            if std::path::Path::new(&p).is_file() {
-                return Some(p);
-            }
-        }
-    }
-    None
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ fn strip_db(url: &str) -> String {
     }
 }
 
-fn which(names: &[&str]) -> Option<String> {
+/// The first of `names` found on PATH (or in the sbin directories).
+pub fn which(names: &[&str]) -> Option<String> {
     let path = std::env::var("PATH").unwrap_or_default();
     for n in names {
         for dir in path
@@ -139,7 +140,7 @@ pub fn start_throwaway_server() -> String {
     }
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .map(|s| {
             s.lines()
