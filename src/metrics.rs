@@ -207,6 +207,23 @@ impl Metrics {
     }
 }
 
+/// Holds a gauge one higher while alive, even when the future holding it is dropped
+/// (requests in flight, connections checked out, operations waiting for one).
+pub struct GaugeGuard<'a>(&'a IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    pub fn hold(g: &'a IntGauge) -> Self {
+        g.inc();
+        GaugeGuard(g)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// HTTP method label, bounded.
 pub fn method_label(m: &warp::http::Method) -> &'static str {
     match m.as_str() {

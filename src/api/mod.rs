@@ -269,8 +269,7 @@ where
     req.headers_mut().insert(REQUEST_ID.clone(), id.clone());
     let method = metrics::method_label(req.method());
     let route = route_of(req.uri().path());
-    state.metrics.http_in_flight.inc();
-    let _in_flight = scopeguard(&state.metrics);
+    let _in_flight = metrics::GaugeGuard::hold(&state.metrics.http_in_flight);
 
     let budget = state.config.request_timeout
         + state.config.db_acquire_timeout
@@ -308,16 +307,4 @@ where
         );
     }
     resp
-}
-
-struct InFlight<'a>(&'a Metrics);
-
-fn scopeguard(m: &Metrics) -> InFlight<'_> {
-    InFlight(m)
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.http_in_flight.dec();
-    }
 }

@@ -15,7 +15,7 @@ use mysql_async::{Conn, Pool, Row, TxOpts, Value};
 
 use crate::config::Config;
 use crate::error::DbError;
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::time::{self, Micros};
 
 /// Rows of `kv_write_counter`; a write bumps one at random (see sql/0001_schema.sql).
@@ -219,7 +219,7 @@ impl Store {
             &self.pool
         };
         let conn = self.acquire(pool, self.acquire_timeout).await?;
-        let _in_use = Gauge::hold(&self.metrics.db_pool_in_use);
+        let _in_use = GaugeGuard::hold(&self.metrics.db_pool_in_use);
         match tokio::time::timeout(self.query_timeout, f(conn)).await {
             Ok(r) => r.map_err(DbError::from),
             Err(_) => Err(DbError::Timeout("query")),
@@ -227,7 +227,7 @@ impl Store {
     }
 
     async fn acquire(&self, pool: &Pool, within: Duration) -> Result<Conn, DbError> {
-        let _waiting = Gauge::hold(&self.metrics.db_pool_waiting);
+        let _waiting = GaugeGuard::hold(&self.metrics.db_pool_waiting);
         let r = tokio::time::timeout(within, pool.get_conn()).await;
         match r {
             Err(_) => Err(DbError::Timeout("connection")),
@@ -517,23 +517,6 @@ impl Store {
             })
         })
         .await
-    }
-}
-
-/// Holds a gauge one higher while alive, even if the future holding it is dropped
-/// (connections checked out, operations waiting for one).
-struct Gauge<'a>(&'a prometheus::IntGauge);
-
-impl<'a> Gauge<'a> {
-    fn hold(g: &'a prometheus::IntGauge) -> Self {
-        g.inc();
-        Gauge(g)
-    }
-}
-
-impl Drop for Gauge<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
