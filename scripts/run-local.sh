@@ -19,7 +19,12 @@ if [ -z "${KV_DATABASE_URL:-}" ]; then
 fi
 export KV_SHUTDOWN_DELAY="${KV_SHUTDOWN_DELAY:-0s}"
 echo "run-local: try  curl localhost:8080/v1/keys/Homer" >&2
-target/release/kvstore "$@" &
-pid=$!
-trap 'kill -TERM $pid 2>/dev/null; wait $pid; [ -n "${DIR:-}" ] && scripts/throwaway-mariadb.sh stop "$DIR"' EXIT INT TERM
-wait $pid
+# In the foreground, so Ctrl-C reaches the service itself (graceful shutdown); the script
+# waits for it, then the EXIT trap removes the throwaway database.
+trap 'interrupted=1' INT TERM
+set +e
+target/release/kvstore "$@"
+rc=$?
+set -e
+if [ -n "${interrupted:-}" ]; then rc=0; fi
+exit "$rc"
