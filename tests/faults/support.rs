@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::{is_root, which};
+use crate::common::{install_datadir, is_root, which};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_kvstore");
 
@@ -291,27 +291,9 @@ impl PrivateDb {
             .spawn()
             .expect("spawn watchdog");
         let datadir = dir.join("data");
-        let st = tokio::task::spawn_blocking(move || {
-            Command::new(&install)
-                .args([
-                    "--no-defaults",
-                    &format!("--datadir={}", datadir.display()),
-                    "--auth-root-authentication-method=normal",
-                    "--skip-test-db",
-                ])
-                .args(if is_root() {
-                    vec!["--user=root"]
-                } else {
-                    vec![]
-                })
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("run mariadb-install-db")
-        })
-        .await
-        .unwrap();
-        assert!(st.success(), "mariadb-install-db failed in {d}");
+        tokio::task::spawn_blocking(move || install_datadir(&install, &datadir))
+            .await
+            .unwrap();
         let mut db = PrivateDb {
             dir,
             port: crate::common::free_port(),

@@ -77,23 +77,7 @@ pub fn start_throwaway_server() -> String {
     let port = free_port();
     let d = dir.display();
     let root = if is_root() { "--user=root" } else { "" };
-    let st = Command::new(&install)
-        .args([
-            "--no-defaults",
-            &format!("--datadir={d}/data"),
-            "--auth-root-authentication-method=normal",
-            "--skip-test-db",
-        ])
-        .args(if is_root() {
-            vec!["--user=root"]
-        } else {
-            vec![]
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("run mariadb-install-db");
-    assert!(st.success(), "mariadb-install-db failed in {d}");
+    install_datadir(&install, &dir.join("data"));
     // The watchdog stops the server and removes its directory once this process is gone.
     let script = format!(
         "{server} --no-defaults --datadir={d}/data --socket={d}/sock --port={port} \
@@ -138,6 +122,31 @@ pub fn start_throwaway_server() -> String {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Initialises an empty MariaDB/MySQL data directory (root with an empty password).
+pub fn install_datadir(install: &str, datadir: &std::path::Path) {
+    let st = Command::new(install)
+        .args([
+            "--no-defaults",
+            &format!("--datadir={}", datadir.display()),
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ])
+        .args(if is_root() {
+            vec!["--user=root"]
+        } else {
+            vec![]
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run mariadb-install-db");
+    assert!(
+        st.success(),
+        "mariadb-install-db failed for {}",
+        datadir.display()
+    );
 }
 
 pub fn is_root() -> bool {
