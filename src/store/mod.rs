@@ -4,6 +4,7 @@
 //! Every operation gets a connection within `KV_DB_ACQUIRE_TIMEOUT` and finishes within
 //! `KV_DB_QUERY_TIMEOUT`, or fails with [`DbError::Timeout`] (→ 503).
 
+pub mod batch;
 pub mod migrations;
 
 use std::sync::Arc;
@@ -11,12 +12,13 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use mysql_async::prelude::*;
-use mysql_async::{Conn, Pool, Row, TxOpts, Value};
+use mysql_async::{Conn, Pool, Row, Value};
 
 use crate::config::Config;
 use crate::error::DbError;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::time::{self, Micros};
+use batch::{Sql, TextTx};
 
 /// Rows of `kv_write_counter`; a write bumps one at random (see sql/0001_schema.sql).
 const COUNTER_SLOTS: u64 = 64;
@@ -316,8 +318,10 @@ impl Store {
         .await
     }
 
-    /// Upsert in one transaction: lock the row, check the precondition, log the change,
-    /// write the entry, count the write. Returns only after COMMIT.
+    /// Upsert in one transaction: log the change, write the entry, count the write, read back
+    /// the version. Without a precondition that is one round trip (a text batch from
+    /// START TRANSACTION to COMMIT, see `batch`); with one, the row is first locked and
+    /// checked in a round trip of its own. Returns only after COMMIT.
     pub async fn upsert(
         &self,
         key: &str,
@@ -326,98 +330,80 @@ impl Store {
         pre: &Precondition,
     ) -> Result<WriteOutcome, DbError> {
         let origin = self.origin;
-        self.run("upsert", |mut conn: Conn| {
+        self.run("upsert", |conn: Conn| {
             Box::pin(async move {
                 let now = time::now_micros();
                 let expires_at = ttl_seconds.map(|t| now + i64::from(t) * 1_000_000);
-                let mut tx = conn.start_transaction(TxOpts::default()).await?;
-                let current = lock_row(&mut tx, key).await?;
-                let live = current.filter(|c| c.is_live(now));
-                if !pre.allows(live.map(|c| c.rev)) {
-                    tx.rollback().await?;
-                    return Ok(WriteOutcome::PreconditionFailed);
-                }
-                let rev = log_change(&mut tx, key, origin, now).await?;
-                let (version, created_at) = match live {
-                    Some(c) => (c.version + 1, c.created_at),
-                    None => (1, now),
-                };
-                let params = (
-                    value.as_bytes(),
-                    version,
-                    rev,
-                    time::to_sql(created_at),
-                    time::to_sql(now),
-                    expires_at.map(time::to_sql).unwrap_or(Value::NULL),
-                    key.as_bytes(),
-                );
-                if current.is_some() {
-                    tx.exec_drop(
-                        "UPDATE kv_entries SET v = ?, version = ?, rev = ?, created_at = ?, \
-                         updated_at = ?, expires_at = ? WHERE k = ?",
-                        params,
-                    )
-                    .await?;
-                } else {
-                    tx.exec_drop(
-                        "INSERT INTO kv_entries (v, version, rev, created_at, updated_at, \
-                         expires_at, k) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        params,
-                    )
-                    .await?;
+                let mut tx = TextTx::new(conn);
+                let conditional = *pre != Precondition::NONE;
+                if conditional {
+                    let live_rev = lock_row(&mut tx, key, now).await?.and_then(|c| c.live_rev);
+                    if !pre.allows(live_rev) {
+                        tx.rollback().await;
+                        return Ok(WriteOutcome::PreconditionFailed);
+                    }
                 }
                 let slot = uuid::Uuid::new_v4().as_u64_pair().0 % COUNTER_SLOTS;
-                tx.exec_drop(
-                    "UPDATE kv_write_counter SET n = n + 1 WHERE slot = ?",
-                    (slot,),
-                )
-                .await?;
-                tx.commit().await?;
+                let sql = upsert_batch(key, value, origin, now, expires_at, slot, !conditional);
+                let row = tx.batch(sql).await?.into_iter().next();
+                tx.finish();
+                let bad = || mysql_async::Error::Other("the upsert read back no entry".into());
+                let (version, rev, created): (u64, u64, Value) =
+                    mysql_async::from_row_opt(row.ok_or_else(bad)?).map_err(|_| bad())?;
                 let entry = Entry {
                     key: key.to_owned(),
                     value: value.to_owned(),
                     version,
                     rev,
-                    created_at,
+                    created_at: time::from_sql(&created).ok_or_else(bad)?,
                     updated_at: now,
                     expires_at,
                 };
-                Ok(if live.is_some() {
-                    WriteOutcome::Replaced(entry)
-                } else {
+                // An expired row is replaced at version 1: to the client it is a create.
+                Ok(if version == 1 {
                     WriteOutcome::Created(entry)
+                } else {
+                    WriteOutcome::Replaced(entry)
                 })
             })
         })
         .await
     }
 
-    /// Delete in one transaction (with the precondition and the change-log row).
+    /// Delete in one transaction: lock and check the row, then log the change and delete
+    /// it (two round trips).
     pub async fn delete(&self, key: &str, pre: &Precondition) -> Result<WriteOutcome, DbError> {
         let origin = self.origin;
-        self.run("delete", |mut conn: Conn| {
+        self.run("delete", |conn: Conn| {
             Box::pin(async move {
                 let now = time::now_micros();
-                let mut tx = conn.start_transaction(TxOpts::default()).await?;
-                let current = lock_row(&mut tx, key).await?;
-                let live = current.filter(|c| c.is_live(now));
-                if !pre.allows(live.map(|c| c.rev)) {
-                    tx.rollback().await?;
+                let mut tx = TextTx::new(conn);
+                let Some(current) = lock_row(&mut tx, key, now).await? else {
+                    tx.rollback().await;
+                    return Ok(if pre.allows(None) {
+                        WriteOutcome::NotFound
+                    } else {
+                        WriteOutcome::PreconditionFailed
+                    });
+                };
+                if !pre.allows(current.live_rev) {
+                    tx.rollback().await;
                     return Ok(WriteOutcome::PreconditionFailed);
                 }
-                if current.is_none() {
-                    tx.rollback().await?;
-                    return Ok(WriteOutcome::NotFound);
-                }
-                let rev = log_change(&mut tx, key, origin, now).await?;
-                tx.exec_drop("DELETE FROM kv_entries WHERE k = ?", (key.as_bytes(),))
-                    .await?;
-                tx.commit().await?;
+                let mut sql = Sql::with_capacity(300 + 4 * key.len());
+                log_change(&mut sql, key, origin, now);
+                sql.raw(";\nSELECT LAST_INSERT_ID();\nDELETE FROM kv_entries WHERE k = ")
+                    .bytes(key.as_bytes())
+                    .raw(";\nCOMMIT");
+                let row = tx.batch(sql.into_string()).await?.into_iter().next();
+                tx.finish();
+                let rev = row
+                    .and_then(|mut r| r.take::<u64, _>(0))
+                    .ok_or_else(|| mysql_async::Error::Other("no id for the change".into()))?;
                 // An expired row is removed too, but to the client it was already gone.
-                Ok(if live.is_some() {
-                    WriteOutcome::Deleted { rev }
-                } else {
-                    WriteOutcome::NotFound
+                Ok(match current.live_rev {
+                    Some(_) => WriteOutcome::Deleted { rev },
+                    None => WriteOutcome::NotFound,
                 })
             })
         })
@@ -520,51 +506,90 @@ impl Store {
     }
 }
 
-#[derive(Clone, Copy)]
+/// The locked row of a conditional write.
 struct Current {
-    rev: u64,
-    version: u64,
-    created_at: Micros,
-    expires_at: Option<Micros>,
+    /// Its revision, if it is live (not expired).
+    live_rev: Option<u64>,
 }
 
-impl Current {
-    fn is_live(&self, now: Micros) -> bool {
-        self.expires_at.is_none_or(|e| e > now)
-    }
-}
-
-async fn lock_row(
-    tx: &mut mysql_async::Transaction<'_>,
+/// The write of an upsert, ending in COMMIT: the change-log row (whose id is the new
+/// revision), the entry (version + 1 over a live row, 1 over none or an expired one), a
+/// counter slot, and the entry's version, revision and creation time read back.
+fn upsert_batch(
     key: &str,
+    value: &str,
+    origin: u64,
+    now: Micros,
+    expires_at: Option<Micros>,
+    slot: u64,
+    begin: bool,
+) -> String {
+    let live = |sql: &mut Sql| {
+        sql.raw("expires_at IS NULL OR expires_at > ")
+            .datetime(Some(now));
+    };
+    let mut sql = Sql::with_capacity(900 + 6 * key.len() + 2 * value.len());
+    if begin {
+        sql.raw("START TRANSACTION;\n");
+    }
+    log_change(&mut sql, key, origin, now);
+    sql.raw(";\nINSERT INTO kv_entries (k, v, version, rev, created_at, updated_at, expires_at) VALUES (")
+        .bytes(key.as_bytes())
+        .raw(", ")
+        .bytes(value.as_bytes())
+        .raw(", 1, LAST_INSERT_ID(), ")
+        .datetime(Some(now))
+        .raw(", ")
+        .datetime(Some(now))
+        .raw(", ")
+        .datetime(expires_at)
+        // Assignments run left to right: the IFs must read the old expires_at.
+        .raw(") ON DUPLICATE KEY UPDATE version = IF(");
+    live(&mut sql);
+    sql.raw(", version + 1, 1), created_at = IF(");
+    live(&mut sql);
+    sql.raw(
+        ", created_at, VALUES(created_at)), v = VALUES(v), rev = VALUES(rev), \
+             updated_at = VALUES(updated_at), expires_at = VALUES(expires_at);\n\
+             UPDATE kv_write_counter SET n = n + 1 WHERE slot = ",
+    )
+    .uint(slot)
+    .raw(";\nSELECT version, rev, created_at FROM kv_entries WHERE k = ")
+    .bytes(key.as_bytes())
+    .raw(";\nCOMMIT");
+    sql.into_string()
+}
+
+/// Begins the transaction of a conditional write and locks the key's row (one round trip).
+async fn lock_row(
+    tx: &mut TextTx,
+    key: &str,
+    now: Micros,
 ) -> Result<Option<Current>, mysql_async::Error> {
-    let row: Option<(u64, u64, Value, Value)> = tx
-        .exec_first(
-            "SELECT rev, version, created_at, expires_at FROM kv_entries WHERE k = ? FOR UPDATE",
-            (key.as_bytes(),),
-        )
-        .await?;
-    Ok(row.map(|(rev, version, created, expires)| Current {
-        rev,
-        version,
-        created_at: time::from_sql(&created).unwrap_or(0),
-        expires_at: time::from_sql(&expires),
+    let mut sql = Sql::with_capacity(120 + 2 * key.len());
+    sql.raw("START TRANSACTION;\nSELECT rev, expires_at FROM kv_entries WHERE k = ")
+        .bytes(key.as_bytes())
+        .raw(" FOR UPDATE");
+    let row = tx.batch(sql.into_string()).await?.into_iter().next();
+    Ok(row.map(|mut row| {
+        let rev: Option<u64> = row.take(0);
+        let expires: Option<Value> = row.take(1);
+        let live = expires.is_some_and(|e| time::from_sql(&e).is_none_or(|e| e > now));
+        Current {
+            live_rev: rev.filter(|_| live),
+        }
     }))
 }
 
-async fn log_change(
-    tx: &mut mysql_async::Transaction<'_>,
-    key: &str,
-    origin: u64,
-    now: Micros,
-) -> Result<u64, mysql_async::Error> {
-    tx.exec_drop(
-        "INSERT INTO kv_changes (k, origin, changed_at) VALUES (?, ?, ?)",
-        (key.as_bytes(), origin, time::to_sql(now)),
-    )
-    .await?;
-    tx.last_insert_id()
-        .ok_or_else(|| mysql_async::Error::Other("INSERT INTO kv_changes returned no id".into()))
+/// The change-log row of a write; its id (LAST_INSERT_ID()) is the write's revision.
+fn log_change(sql: &mut Sql, key: &str, origin: u64, now: Micros) {
+    sql.raw("INSERT INTO kv_changes (k, origin, changed_at) VALUES (")
+        .bytes(key.as_bytes())
+        .raw(", ")
+        .uint(origin)
+        .raw(", ")
+        .datetime(Some(now))
+        .raw(")");
 }
 
 fn entry_from_row(mut row: Row) -> Result<Entry, mysql_async::Error> {

@@ -4,6 +4,7 @@ mod common;
 
 mod api;
 mod auth;
+mod batch;
 mod cache;
 mod conditional;
 mod consistency;

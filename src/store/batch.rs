@@ -1,0 +1,152 @@
+//! Writes as multi-statement text batches: a whole transaction (`START TRANSACTION; …;
+//! COMMIT`) in one round trip instead of one per statement.
+//!
+//! Client data never reaches the SQL as text: keys and values go in as hexadecimal literals
+//! (`X'6b6579'`), which mean the same bytes whatever the connection's character set or
+//! `sql_mode` (`NO_BACKSLASH_ESCAPES`) is; everything else is an integer or a timestamp the
+//! service formats itself.
+//!
+//! mysql_async tracks only the transactions it starts itself, so [`TextTx`] makes sure a
+//! transaction begun by a batch never goes back to the pool open: an error rolls it back
+//! (the error of a later statement is only seen by draining the result, which `batch`
+//! does), and a batch abandoned half-way (the query timeout drops the future) closes the
+//! connection, which makes the server roll it back. (mysql_async already discards a
+//! connection whose I/O was interrupted inside one of its routines; `Drop` covers the rest.)
+
+use std::fmt::Write as _;
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Row};
+
+use crate::time::{self, Micros};
+
+/// SQL text under construction.
+#[derive(Default)]
+pub struct Sql(String);
+
+impl Sql {
+    pub fn with_capacity(bytes: usize) -> Sql {
+        Sql(String::with_capacity(bytes))
+    }
+
+    /// Literal SQL written by the service (never client data).
+    pub fn raw(&mut self, sql: &str) -> &mut Sql {
+        self.0.push_str(sql);
+        self
+    }
+
+    /// Arbitrary bytes as a hexadecimal literal.
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Sql {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        self.0.reserve(3 + 2 * b.len());
+        self.0.push_str("X'");
+        for &byte in b {
+            self.0.push(HEX[usize::from(byte >> 4)] as char);
+            self.0.push(HEX[usize::from(byte & 0xf)] as char);
+        }
+        self.0.push('\'');
+        self
+    }
+
+    pub fn uint(&mut self, n: u64) -> &mut Sql {
+        let _ = write!(self.0, "{n}");
+        self
+    }
+
+    /// A DATETIME(6) literal, or NULL.
+    pub fn datetime(&mut self, us: Option<Micros>) -> &mut Sql {
+        match us {
+            Some(us) => self.raw(&time::to_sql(us).as_sql(true)),
+            None => self.raw("NULL"),
+        }
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// A connection whose transaction was begun by a text batch (see the module docs).
+pub struct TextTx {
+    conn: Option<Conn>,
+}
+
+impl TextTx {
+    pub fn new(conn: Conn) -> TextTx {
+        TextTx { conn: Some(conn) }
+    }
+
+    /// Runs a batch and returns the rows of all its result sets (in practice: of the one
+    /// SELECT in it). On error the transaction is rolled back before the error is returned.
+    pub async fn batch(&mut self, sql: String) -> Result<Vec<Row>, mysql_async::Error> {
+        let conn = self.conn.as_mut().expect("TextTx used after it ended");
+        let r = async {
+            let mut result = conn.query_iter(sql).await?;
+            let mut rows = Vec::new();
+            while !result.is_empty() {
+                rows.append(&mut result.collect::<Row>().await?);
+            }
+            // The error of a statement after the first is kept as a pending result, which
+            // `is_empty` does not see: dropping the result returns it.
+            result.drop_result().await?;
+            Ok(rows)
+        }
+        .await;
+        if r.is_err() {
+            self.rollback().await;
+        }
+        r
+    }
+
+    /// Ends the transaction without committing. If even ROLLBACK fails, the connection is
+    /// closed instead of going back to the pool.
+    pub async fn rollback(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            if conn.query_drop("ROLLBACK").await.is_err() {
+                let _ = conn.disconnect().await;
+            }
+        }
+    }
+
+    /// The transaction has ended (its batch committed): the connection goes back to the pool.
+    pub fn finish(mut self) {
+        self.conn.take();
+    }
+}
+
+impl Drop for TextTx {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // Abandoned mid-transaction: the session must end so the server rolls it back.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = conn.disconnect().await;
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals() {
+        let mut sql = Sql::default();
+        sql.raw("SELECT ")
+            .bytes(b"k'\\\0\xff")
+            .raw(", ")
+            .uint(42)
+            .raw(", ")
+            .datetime(Some(1_700_000_000_123_456))
+            .raw(", ")
+            .datetime(None)
+            .raw(", ")
+            .bytes(b"");
+        assert_eq!(
+            sql.into_string(),
+            "SELECT X'6b275c00ff', 42, '2023-11-14 22:13:20.123456', NULL, X''"
+        );
+    }
+}
