@@ -1,13 +1,14 @@
-//! Writes as multi-statement text batches: a whole transaction (`START TRANSACTION; …;
-//! COMMIT`) in one round trip instead of one per statement.
+//! Transactions in few round trips: a multi-statement text batch (`START TRANSACTION;
+//! SELECT … FOR UPDATE`) or a stored procedure that begins and commits its own transaction
+//! (`CALL kv_put(…)`, sql/0003_put_procedure.sql) instead of one round trip per statement.
 //!
 //! Client data never reaches the SQL as text: keys and values go in as hexadecimal literals
 //! (`X'6b6579'`), which mean the same bytes whatever the connection's character set or
 //! `sql_mode` (`NO_BACKSLASH_ESCAPES`) is; everything else is an integer or a timestamp the
 //! service formats itself.
 //!
-//! mysql_async tracks only the transactions it starts itself, so [`TextTx`] makes sure a
-//! transaction begun by a batch never goes back to the pool open: an error rolls it back
+//! mysql_async tracks only the transactions it starts itself, so [`ServerTx`] makes sure a
+//! transaction begun by a batch or a procedure never goes back to the pool open: an error rolls it back
 //! (the error of a later statement is only seen by draining the result, which `batch`
 //! does), and a batch abandoned half-way (the query timeout drops the future) closes the
 //! connection, which makes the server roll it back. (mysql_async already discards a
@@ -66,32 +67,62 @@ impl Sql {
     }
 }
 
-/// A connection whose transaction was begun by a text batch (see the module docs).
-pub struct TextTx {
+/// The rows of every result set. The error of a statement after the first is kept as a
+/// pending result, which `is_empty` does not see: dropping the result returns it.
+async fn all_rows<P: mysql_async::prelude::Protocol>(
+    mut result: mysql_async::QueryResult<'_, 'static, P>,
+) -> Result<Vec<Row>, mysql_async::Error> {
+    let mut rows = Vec::new();
+    while !result.is_empty() {
+        rows.append(&mut result.collect::<Row>().await?);
+    }
+    result.drop_result().await?;
+    Ok(rows)
+}
+
+/// A connection whose transaction was begun by SQL, out of mysql_async's sight (see the
+/// module docs).
+pub struct ServerTx {
     conn: Option<Conn>,
 }
 
-impl TextTx {
-    pub fn new(conn: Conn) -> TextTx {
-        TextTx { conn: Some(conn) }
+impl ServerTx {
+    pub fn new(conn: Conn) -> ServerTx {
+        ServerTx { conn: Some(conn) }
     }
 
-    /// Runs a batch and returns the rows of all its result sets (in practice: of the one
-    /// SELECT in it). On error the transaction is rolled back before the error is returned.
+    /// Runs a text batch and returns the rows of all its result sets (in practice: of the
+    /// one SELECT in it). On error the transaction is rolled back before the error is
+    /// returned.
     pub async fn batch(&mut self, sql: String) -> Result<Vec<Row>, mysql_async::Error> {
-        let conn = self.conn.as_mut().expect("TextTx used after it ended");
+        let conn = self.conn.as_mut().expect("ServerTx used after it ended");
         let r = async {
-            let mut result = conn.query_iter(sql).await?;
-            let mut rows = Vec::new();
-            while !result.is_empty() {
-                rows.append(&mut result.collect::<Row>().await?);
-            }
-            // The error of a statement after the first is kept as a pending result, which
-            // `is_empty` does not see: dropping the result returns it.
-            result.drop_result().await?;
-            Ok(rows)
+            let result = conn.query_iter(sql).await?;
+            all_rows(result).await
         }
         .await;
+        self.rolled_back_on_error(r).await
+    }
+
+    /// Executes a prepared statement (a CALL), like [`ServerTx::batch`].
+    pub async fn exec(
+        &mut self,
+        stmt: &str,
+        params: impl Into<mysql_async::Params> + Send,
+    ) -> Result<Vec<Row>, mysql_async::Error> {
+        let conn = self.conn.as_mut().expect("ServerTx used after it ended");
+        let r = async {
+            let result = conn.exec_iter(stmt, params).await?;
+            all_rows(result).await
+        }
+        .await;
+        self.rolled_back_on_error(r).await
+    }
+
+    async fn rolled_back_on_error<T>(
+        &mut self,
+        r: Result<T, mysql_async::Error>,
+    ) -> Result<T, mysql_async::Error> {
         if r.is_err() {
             self.rollback().await;
         }
@@ -114,7 +145,7 @@ impl TextTx {
     }
 }
 
-impl Drop for TextTx {
+impl Drop for ServerTx {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             // Abandoned mid-transaction: the session must end so the server rolls it back.

@@ -25,35 +25,48 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_initial_dataset.sql",
         sql: include_str!("../../sql/0002_initial_dataset.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_put_procedure.sql",
+        sql: include_str!("../../sql/0003_put_procedure.sql"),
+    },
 ];
 
 /// How long a starting replica waits for another one that is migrating.
 const LOCK_WAIT_SECONDS: u32 = 60;
 
-/// Splits a migration file into statements: `--` comment lines are dropped and a statement
-/// ends with `;` at the end of a line.
+/// Splits a migration file into statements as the mysql client does: `--` comment lines are
+/// dropped, a statement ends with the delimiter (`;`) at the end of a line, and a
+/// `DELIMITER //` line changes the delimiter (for stored procedures, whose bodies hold `;`).
 pub fn statements(sql: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current = String::new();
+    let mut delimiter = ";".to_owned();
+    let mut finish = |current: &mut String, delimiter: &str| {
+        let stmt = current.trim();
+        let stmt = stmt.strip_suffix(delimiter).unwrap_or(stmt).trim();
+        if !stmt.is_empty() {
+            out.push(stmt.to_owned());
+        }
+        current.clear();
+    };
     for line in sql.lines() {
         let trimmed = line.trim();
         if trimmed.is_empty() || trimmed.starts_with("--") {
             continue;
         }
+        if let Some(d) = trimmed.strip_prefix("DELIMITER ") {
+            finish(&mut current, &delimiter);
+            delimiter = d.trim().to_owned();
+            continue;
+        }
         current.push_str(line);
         current.push('\n');
-        if trimmed.ends_with(';') {
-            let stmt = current.trim().trim_end_matches(';').trim().to_owned();
-            if !stmt.is_empty() {
-                out.push(stmt);
-            }
-            current.clear();
+        if trimmed.ends_with(delimiter.as_str()) {
+            finish(&mut current, &delimiter);
         }
     }
-    let rest = current.trim();
-    if !rest.is_empty() {
-        out.push(rest.to_owned());
-    }
+    finish(&mut current, &delimiter);
     out
 }
 
@@ -146,5 +159,26 @@ mod tests {
             ]
         );
         assert_eq!(statements(MIGRATIONS[1].sql).len(), 2);
+    }
+
+    #[test]
+    fn splits_procedures_at_their_delimiter() {
+        let s = statements(
+            "DROP PROCEDURE IF EXISTS p;\nDELIMITER //\nCREATE PROCEDURE p()\nBEGIN\n  \
+             -- body\n  SELECT 1;\n  SELECT 2;\nEND//\nDELIMITER ;\nSELECT 3;\n",
+        );
+        assert_eq!(
+            s,
+            vec![
+                "DROP PROCEDURE IF EXISTS p",
+                "CREATE PROCEDURE p()\nBEGIN\n  SELECT 1;\n  SELECT 2;\nEND",
+                "SELECT 3"
+            ]
+        );
+        let procedure = statements(MIGRATIONS[2].sql);
+        assert_eq!(procedure.len(), 2);
+        assert!(
+            procedure[1].starts_with("CREATE PROCEDURE kv_put(") && procedure[1].ends_with("END")
+        );
     }
 }

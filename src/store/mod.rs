@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::error::DbError;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::time::{self, Micros};
-use batch::{Sql, TextTx};
+use batch::{ServerTx, Sql};
 
 /// Rows of `kv_write_counter`; a write bumps one at random (see sql/0001_schema.sql).
 const COUNTER_SLOTS: u64 = 64;
@@ -319,9 +319,9 @@ impl Store {
     }
 
     /// Upsert in one transaction: log the change, write the entry, count the write, read back
-    /// the version. Without a precondition that is one round trip (a text batch from
-    /// START TRANSACTION to COMMIT, see `batch`); with one, the row is first locked and
-    /// checked in a round trip of its own. Returns only after COMMIT.
+    /// the version, all in the stored procedure `kv_put` (sql/0003_put_procedure.sql): one
+    /// round trip. With a precondition, the row is first locked and checked in a round trip
+    /// of its own. Returns only after COMMIT.
     pub async fn upsert(
         &self,
         key: &str,
@@ -334,7 +334,7 @@ impl Store {
             Box::pin(async move {
                 let now = time::now_micros();
                 let expires_at = ttl_seconds.map(|t| now + i64::from(t) * 1_000_000);
-                let mut tx = TextTx::new(conn);
+                let mut tx = ServerTx::new(conn);
                 let conditional = *pre != Precondition::NONE;
                 if conditional {
                     let live_rev = lock_row(&mut tx, key, now).await?.and_then(|c| c.live_rev);
@@ -344,8 +344,20 @@ impl Store {
                     }
                 }
                 let slot = uuid::Uuid::new_v4().as_u64_pair().0 % COUNTER_SLOTS;
-                let sql = upsert_batch(key, value, origin, now, expires_at, slot, !conditional);
-                let row = tx.batch(sql).await?.into_iter().next();
+                let params = (
+                    key.as_bytes(),
+                    value.as_bytes(),
+                    origin,
+                    time::to_sql(now),
+                    expires_at.map(time::to_sql).unwrap_or(Value::NULL),
+                    slot,
+                    !conditional,
+                );
+                let row = tx
+                    .exec("CALL kv_put(?, ?, ?, ?, ?, ?, ?)", params)
+                    .await?
+                    .into_iter()
+                    .next();
                 tx.finish();
                 let bad = || mysql_async::Error::Other("the upsert read back no entry".into());
                 let (version, rev, created): (u64, u64, Value) =
@@ -377,7 +389,7 @@ impl Store {
         self.run("delete", |conn: Conn| {
             Box::pin(async move {
                 let now = time::now_micros();
-                let mut tx = TextTx::new(conn);
+                let mut tx = ServerTx::new(conn);
                 let Some(current) = lock_row(&mut tx, key, now).await? else {
                     tx.rollback().await;
                     return Ok(if pre.allows(None) {
@@ -512,57 +524,9 @@ struct Current {
     live_rev: Option<u64>,
 }
 
-/// The write of an upsert, ending in COMMIT: the change-log row (whose id is the new
-/// revision), the entry (version + 1 over a live row, 1 over none or an expired one), a
-/// counter slot, and the entry's version, revision and creation time read back.
-fn upsert_batch(
-    key: &str,
-    value: &str,
-    origin: u64,
-    now: Micros,
-    expires_at: Option<Micros>,
-    slot: u64,
-    begin: bool,
-) -> String {
-    let live = |sql: &mut Sql| {
-        sql.raw("expires_at IS NULL OR expires_at > ")
-            .datetime(Some(now));
-    };
-    let mut sql = Sql::with_capacity(900 + 6 * key.len() + 2 * value.len());
-    if begin {
-        sql.raw("START TRANSACTION;\n");
-    }
-    log_change(&mut sql, key, origin, now);
-    sql.raw(";\nINSERT INTO kv_entries (k, v, version, rev, created_at, updated_at, expires_at) VALUES (")
-        .bytes(key.as_bytes())
-        .raw(", ")
-        .bytes(value.as_bytes())
-        .raw(", 1, LAST_INSERT_ID(), ")
-        .datetime(Some(now))
-        .raw(", ")
-        .datetime(Some(now))
-        .raw(", ")
-        .datetime(expires_at)
-        // Assignments run left to right: the IFs must read the old expires_at.
-        .raw(") ON DUPLICATE KEY UPDATE version = IF(");
-    live(&mut sql);
-    sql.raw(", version + 1, 1), created_at = IF(");
-    live(&mut sql);
-    sql.raw(
-        ", created_at, VALUES(created_at)), v = VALUES(v), rev = VALUES(rev), \
-             updated_at = VALUES(updated_at), expires_at = VALUES(expires_at);\n\
-             UPDATE kv_write_counter SET n = n + 1 WHERE slot = ",
-    )
-    .uint(slot)
-    .raw(";\nSELECT version, rev, created_at FROM kv_entries WHERE k = ")
-    .bytes(key.as_bytes())
-    .raw(";\nCOMMIT");
-    sql.into_string()
-}
-
 /// Begins the transaction of a conditional write and locks the key's row (one round trip).
 async fn lock_row(
-    tx: &mut TextTx,
+    tx: &mut ServerTx,
     key: &str,
     now: Micros,
 ) -> Result<Option<Current>, mysql_async::Error> {

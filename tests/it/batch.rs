@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use kvstore::store::batch::TextTx;
+use kvstore::store::batch::ServerTx;
 use mysql_async::prelude::*;
 
 use crate::common::*;
@@ -40,7 +40,7 @@ async fn an_error_in_a_later_statement_is_returned_and_rolls_back() {
     let pool = one_connection_pool(&db);
     let conn = pool.get_conn().await.unwrap();
     let session = conn.id();
-    let mut tx = TextTx::new(conn);
+    let mut tx = ServerTx::new(conn);
     let err = tx
         .batch(
             "START TRANSACTION; INSERT INTO t VALUES (1); \
@@ -57,7 +57,7 @@ async fn an_error_in_a_later_statement_is_returned_and_rolls_back() {
     assert_eq!(conn.id(), session, "the session was kept (ROLLBACK worked)");
     assert_eq!(open_transactions_of(&mut admin, session).await, 0);
     // ...so the next transaction on it cannot commit the half-done one.
-    let mut next = TextTx::new(conn);
+    let mut next = ServerTx::new(conn);
     next.batch("START TRANSACTION; COMMIT".into())
         .await
         .unwrap();
@@ -82,7 +82,7 @@ async fn an_abandoned_batch_ends_its_session() {
     let pool = one_connection_pool(&db);
     let conn = pool.get_conn().await.unwrap();
     let session = conn.id();
-    let mut tx = TextTx::new(conn);
+    let mut tx = ServerTx::new(conn);
     // As when the query timeout drops the future mid-batch.
     let abandoned = tokio::time::timeout(
         Duration::from_millis(300),
