@@ -119,6 +119,8 @@ fn main() -> ExitCode {
         }
     });
     drop(runtime);
+    // The last logger first: the writer thread ends once it has written every queued line.
+    drop(log);
     drop(guard);
     code
 }
