@@ -19,6 +19,7 @@ CREATE PROCEDURE kv_put(
 SQL SECURITY INVOKER
 MODIFIES SQL DATA
 BEGIN
+  DECLARE v_created BOOLEAN;
   -- Any error: nothing of the write stays, and the caller gets the error.
   DECLARE EXIT HANDLER FOR SQLEXCEPTION
   BEGIN
@@ -43,8 +44,15 @@ BEGIN
       rev        = LAST_INSERT_ID(),
       updated_at = p_now,
       expires_at = p_expires;
+  -- 1 row affected: inserted (2: an existing row updated).
+  SET v_created = ROW_COUNT() = 1;
   UPDATE kv_write_counter SET n = n + 1 WHERE slot = p_slot;
-  SELECT version, rev, created_at FROM kv_entries WHERE k = p_k;
+  -- The entry's version, revision and creation time; known without reading a new row.
+  IF v_created THEN
+    SELECT 1 AS version, LAST_INSERT_ID() AS rev, p_now AS created_at;
+  ELSE
+    SELECT version, rev, created_at FROM kv_entries WHERE k = p_k;
+  END IF;
   COMMIT;
 END//
 DELIMITER ;
