@@ -3,6 +3,9 @@
 -- transaction of five statements. Runs on MySQL 8.4 and MariaDB 10.11+; the file can also be
 -- applied with the mysql client (it understands the DELIMITER lines, as the service does).
 -- SQL SECURITY INVOKER: it runs with the privileges of the caller (the service's user).
+-- To change it later, create a procedure with a new name in a new migration (and call that
+-- from the new code): a DROP + CREATE of kv_put would fail the calls of running replicas for
+-- a moment.
 
 DROP PROCEDURE IF EXISTS kv_put;
 

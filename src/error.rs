@@ -174,11 +174,12 @@ impl DbError {
             DbError::Timeout(_) | DbError::Unreachable(_) => true,
             // 1205 lock wait timeout, 1213 deadlock (after retries), 1040 too many
             // connections, 1053 shutdown in progress, 2006/2013 gone away, 1927 killed,
-            // 1290 read-only (failover in progress).
+            // 1290 read-only (failover in progress), 1146 / 1305 no such table / procedure
+            // (the schema is not migrated yet: a request that beat readiness).
             DbError::Server { code, .. } => {
                 matches!(
                     code,
-                    1205 | 1213 | 1040 | 1053 | 2006 | 2013 | 1927 | 1290 | 1062
+                    1205 | 1213 | 1040 | 1053 | 2006 | 2013 | 1927 | 1290 | 1062 | 1146 | 1305
                 )
             }
             DbError::Other(_) => false,
@@ -207,5 +208,31 @@ impl From<DbError> for ApiError {
         } else {
             ApiError::Internal(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: u16) -> DbError {
+        DbError::Server {
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn unavailable_means_retry_later_and_the_rest_is_a_bug() {
+        // Lock wait, deadlock, too many connections, gone away, read-only, schema not yet
+        // migrated (no such table / procedure): 503 with Retry-After.
+        for code in [1205, 1213, 1040, 2006, 1290, 1146, 1305] {
+            assert!(server(code).is_unavailable(), "{code}");
+        }
+        assert!(DbError::Timeout("query").is_unavailable());
+        // A syntax error or a driver surprise is ours: 500.
+        assert!(!server(1064).is_unavailable());
+        assert!(!DbError::Other("x".into()).is_unavailable());
+        assert!(server(1213).is_retryable() && !server(1205).is_retryable());
     }
 }
