@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
-use mysql_async::{OptsBuilder, Pool, PoolConstraints, PoolOpts, Value};
+use mysql_async::{Pool, Value};
 
 const SELECT: &str = "SELECT k, v, version, rev, created_at, updated_at, expires_at \
                       FROM kv_entries WHERE k = ? AND (expires_at IS NULL OR expires_at > ?)";
@@ -44,16 +44,7 @@ impl Rng {
 }
 
 fn now_sql() -> Value {
-    let t = time::OffsetDateTime::now_utc();
-    Value::Date(
-        t.year() as u16,
-        t.month() as u8,
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond(),
-    )
+    kvstore::time::to_sql(kvstore::time::now_micros())
 }
 
 fn usage() -> ! {
@@ -96,25 +87,11 @@ fn main() {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async move {
-        let opts = mysql_async::Opts::from_url(&url).expect("a mysql:// URL");
-        let constraints = PoolConstraints::new(2.min(pool_max), pool_max).expect("pool bounds");
-        let opts = OptsBuilder::from_opts(opts)
-            .pool_opts(
-                PoolOpts::default()
-                    .with_constraints(constraints)
-                    .with_reset_connection(false)
-                    // keep idle connections up to the max (the driver's default of 0 closes
-                    // every connection returned above the minimum: a baseline must not churn)
-                    .with_inactive_connection_ttl(Duration::from_secs(60))
-                    .with_ttl_check_interval(Duration::from_secs(15)),
-            )
-            .init(vec![
-                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
-                "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
-                "SET SESSION time_zone = '+00:00'",
-            ])
-            .stmt_cache_size(64)
-            .tcp_nodelay(true);
+        // The service's own pool settings (bounds, session settings, statement cache).
+        let opts = kvstore::config::database_config(&url, None, 2.min(pool_max), pool_max)
+            .expect("a mysql:// URL naming a database")
+            .opts()
+            .clone();
         let pool = Pool::new(opts);
         if mode == Mode::Upsert {
             let mut c = pool.get_conn().await.expect("connect");

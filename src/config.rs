@@ -252,7 +252,9 @@ fn log_level(s: &str) -> Result<LogLevel, ConfigError> {
     })
 }
 
-fn database_config(
+/// The connection options of every pool to `url`: pool bounds, session settings, statement
+/// cache (also used by `benches/mysql_raw.rs`, so its baseline runs with the same settings).
+pub fn database_config(
     url: &str,
     password: Option<&str>,
     pool_min: usize,

@@ -19,6 +19,27 @@ fn one_connection_pool(db: &TestDb) -> mysql_async::Pool {
     mysql_async::Pool::new(opts)
 }
 
+/// A fresh database with an empty table `t`, a direct connection to look behind the pool's
+/// back, and a pool of one connection.
+async fn with_table_t() -> (TestDb, mysql_async::Conn, mysql_async::Pool) {
+    let db = TestDb::new().await;
+    let mut admin = db.conn().await;
+    admin
+        .query_drop("CREATE TABLE t (id INT PRIMARY KEY) ENGINE=InnoDB")
+        .await
+        .unwrap();
+    let pool = one_connection_pool(&db);
+    (db, admin, pool)
+}
+
+async fn rows_in_t(admin: &mut mysql_async::Conn) -> u64 {
+    admin
+        .query_first("SELECT COUNT(*) FROM t")
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 async fn open_transactions_of(conn: &mut mysql_async::Conn, id: u32) -> u64 {
     conn.exec_first(
         "SELECT COUNT(*) FROM information_schema.innodb_trx WHERE trx_mysql_thread_id = ?",
@@ -31,13 +52,7 @@ async fn open_transactions_of(conn: &mut mysql_async::Conn, id: u32) -> u64 {
 
 #[tokio::test]
 async fn an_error_in_a_later_statement_is_returned_and_rolls_back() {
-    let db = TestDb::new().await;
-    let mut admin = db.conn().await;
-    admin
-        .query_drop("CREATE TABLE t (id INT PRIMARY KEY) ENGINE=InnoDB")
-        .await
-        .unwrap();
-    let pool = one_connection_pool(&db);
+    let (_db, mut admin, pool) = with_table_t().await;
     let conn = pool.get_conn().await.unwrap();
     let session = conn.id();
     let mut tx = ServerTx::new(conn);
@@ -62,24 +77,14 @@ async fn an_error_in_a_later_statement_is_returned_and_rolls_back() {
         .await
         .unwrap();
     next.finish();
-    let rows: u64 = admin
-        .query_first("SELECT COUNT(*) FROM t")
-        .await
-        .unwrap()
-        .unwrap();
+    let rows = rows_in_t(&mut admin).await;
     assert_eq!(rows, 0, "the row of the failed batch was committed");
     pool.disconnect().await.unwrap();
 }
 
 #[tokio::test]
 async fn an_abandoned_batch_ends_its_session() {
-    let db = TestDb::new().await;
-    let mut admin = db.conn().await;
-    admin
-        .query_drop("CREATE TABLE t (id INT PRIMARY KEY) ENGINE=InnoDB")
-        .await
-        .unwrap();
-    let pool = one_connection_pool(&db);
+    let (_db, mut admin, pool) = with_table_t().await;
     let conn = pool.get_conn().await.unwrap();
     let session = conn.id();
     let mut tx = ServerTx::new(conn);
@@ -108,11 +113,7 @@ async fn an_abandoned_batch_ends_its_session() {
         session,
         "the abandoned session went back to the pool"
     );
-    let rows: u64 = admin
-        .query_first("SELECT COUNT(*) FROM t")
-        .await
-        .unwrap()
-        .unwrap();
+    let rows = rows_in_t(&mut admin).await;
     assert_eq!(rows, 0);
     drop(conn);
     pool.disconnect().await.unwrap();

@@ -81,10 +81,11 @@ class Kvstore:
         self.proc = proc
         self.http = http
         self.metrics = metrics
-        self._lines = lines
+        # Live: the reader thread keeps appending stdout lines.
+        self.lines = lines
 
     def logs(self) -> list[str]:
-        return list(self._lines)
+        return list(self.lines)
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
@@ -92,40 +93,47 @@ class Kvstore:
         return self.proc.wait(timeout=timeout)
 
 
+def launch_kvstore(binary, env: dict[str, str], args: tuple[str, ...] = (),
+                   timeout: float = 30) -> Kvstore:
+    """Runs the binary with only the given KV_* settings (ports 0) and waits for its
+    "listening" log line; the stdout lines keep being collected in the background."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
+    full_env.update({"KV_LISTEN_ADDR": "127.0.0.1:0", "KV_METRICS_ADDR": "127.0.0.1:0"})
+    full_env.update(env)
+    proc = subprocess.Popen([str(binary), *args], env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    lines: list[str] = []
+    found: dict = {}
+    ready = threading.Event()
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("msg") == "listening":
+                found.update(rec)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not found and time.monotonic() < deadline and proc.poll() is None:
+        ready.wait(0.1)
+    if not found:
+        proc.kill()
+        raise AssertionError("kvstore did not log its listening line:\n" + "\n".join(lines))
+    return Kvstore(proc, f"http://{found['http_addr']}", f"http://{found['metrics_addr']}", lines)
+
+
 @pytest.fixture
 def start_kvstore(kvstore_bin):
     started: list[Kvstore] = []
 
     def start(env: dict[str, str], args: tuple[str, ...] = (), timeout: float = 30) -> Kvstore:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
-        full_env.update({"KV_LISTEN_ADDR": "127.0.0.1:0", "KV_METRICS_ADDR": "127.0.0.1:0"})
-        full_env.update(env)
-        proc = subprocess.Popen([str(kvstore_bin), *args], env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        lines: list[str] = []
-        found: dict = {}
-        ready = threading.Event()
-
-        def pump():
-            for line in proc.stdout:
-                lines.append(line.rstrip("\n"))
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if rec.get("msg") == "listening":
-                    found.update(rec)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not found and time.monotonic() < deadline and proc.poll() is None:
-            ready.wait(0.1)
-        if not found:
-            proc.kill()
-            raise AssertionError("kvstore did not log its listening line:\n" + "\n".join(lines))
-        k = Kvstore(proc, f"http://{found['http_addr']}", f"http://{found['metrics_addr']}", lines)
+        k = launch_kvstore(kvstore_bin, env, args, timeout)
         started.append(k)
         return k
 

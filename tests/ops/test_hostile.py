@@ -53,6 +53,8 @@ os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from conftest import launch_kvstore  # noqa: E402  (tests/ops is on sys.path under pytest)
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
@@ -593,35 +595,10 @@ def svc(database_url, kvstore_bin):
 
 
 def start_service(binary, env: dict[str, str]) -> tuple[subprocess.Popen, int, list[str]]:
-    """As conftest's start_kvstore, for a module-scoped instance; waits for /readyz."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KV_")}
-    full_env.update({"KV_LISTEN_ADDR": "127.0.0.1:0", "KV_METRICS_ADDR": "127.0.0.1:0",
-                     "KV_SHUTDOWN_DELAY": "0s"})
-    full_env.update(env)
-    proc = subprocess.Popen([str(binary)], env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace")
-    lines: list[str] = []
-    found: dict = {}
-    ready = threading.Event()
-
-    def pump():
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("msg") == "listening":
-                found.update(rec)
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    ready.wait(30)
-    if not found:
-        proc.kill()
-        raise AssertionError("kvstore did not log its listening line:\n" + "\n".join(lines))
-    port = int(found["http_addr"].rsplit(":", 1)[1])
+    """conftest's launch_kvstore for a module-scoped instance; also waits for /readyz."""
+    k = launch_kvstore(binary, {"KV_SHUTDOWN_DELAY": "0s", **env})
+    proc, lines = k.proc, k.lines
+    port = int(k.http.rsplit(":", 1)[1])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
