@@ -104,12 +104,15 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn header(self) -> &'static str {
-        match self {
-            Source::Hit => "kvstore; hit",
-            Source::Miss => "kvstore; fwd=miss; stored",
-            Source::Bypass => "kvstore; fwd=request; stored",
-        }
+    /// The `Cache-Status` value (RFC 9211); a hit served while the database is unreachable
+    /// says so.
+    pub fn header(self, db_unreachable: bool) -> HeaderValue {
+        HeaderValue::from_static(match (self, db_unreachable) {
+            (Source::Hit, false) => "kvstore; hit",
+            (Source::Hit, true) => "kvstore; hit; detail=db-unreachable",
+            (Source::Miss, _) => "kvstore; fwd=miss; stored",
+            (Source::Bypass, _) => "kvstore; fwd=request; stored",
+        })
     }
 }
 

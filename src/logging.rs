@@ -151,9 +151,9 @@ impl PerThreadJson {
         .set_flush(true)
         .add_key_value(o!(
             "ts" => slog::PushFnValue(|_, ser| {
-                ser.emit(crate::time::rfc3339_micros(crate::time::now_micros()))
+                ser.emit(crate::time::Rfc3339Micros::new(crate::time::now_micros()).as_str())
             }),
-            "level" => slog::FnValue(|rec| rec.level().as_str().to_ascii_lowercase()),
+            "level" => slog::PushFnValue(|rec, ser| ser.emit(level_name(rec.level()))),
             "msg" => slog::PushFnValue(|rec, ser| ser.emit(rec.msg())),
         ))
         .build()
@@ -177,6 +177,18 @@ impl Drain for PerThreadJson {
             }
         });
         Ok(())
+    }
+}
+
+/// The `level` field: slog's level names in lower case, without allocating per line.
+fn level_name(level: slog::Level) -> &'static str {
+    match level {
+        slog::Level::Critical => "critical",
+        slog::Level::Error => "error",
+        slog::Level::Warning => "warning",
+        slog::Level::Info => "info",
+        slog::Level::Debug => "debug",
+        slog::Level::Trace => "trace",
     }
 }
 
@@ -215,6 +227,20 @@ pub fn discard() -> Logger {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn level_names_are_slogs_in_lower_case() {
+        for level in [
+            slog::Level::Critical,
+            slog::Level::Error,
+            slog::Level::Warning,
+            slog::Level::Info,
+            slog::Level::Debug,
+            slog::Level::Trace,
+        ] {
+            assert_eq!(level_name(level), level.as_str().to_ascii_lowercase());
+        }
+    }
 
     /// Lines sent before the writer runs are written together, whole and in order, and
     /// dropped lines are reported.

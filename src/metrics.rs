@@ -3,10 +3,15 @@
 //! Labels are bounded: HTTP metrics are labelled by method, route *template* and status
 //! class, database metrics by operation — never by key.
 
+use std::sync::OnceLock;
+use std::time::Duration;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::api::route;
 
 const HTTP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -19,8 +24,11 @@ pub const DB_OPERATIONS: &[&str] = &[
 
 pub struct Metrics {
     pub registry: Registry,
-    pub http_requests: IntCounterVec,
-    pub http_duration: HistogramVec,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    /// The counter and histogram of each (method, route, status class), looked up once:
+    /// `with_label_values` hashes the labels and takes a lock on every call.
+    http_series: Box<[OnceLock<(IntCounter, Histogram)>]>,
     pub http_in_flight: IntGauge,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
@@ -74,6 +82,9 @@ impl Metrics {
                     http_labels,
                 ),
             ),
+            http_series: (0..METHODS.len() * route::ALL.len() * STATUS_CLASSES.len())
+                .map(|_| OnceLock::new())
+                .collect(),
             http_in_flight: reg(
                 r,
                 IntGauge::new("kvstore_http_requests_in_flight", "HTTP requests being served."),
@@ -193,6 +204,29 @@ impl Metrics {
         m
     }
 
+    /// Counts an answered request and observes its duration. `method` is a `method_label`,
+    /// `route` one of `route::ALL`.
+    pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let index = |labels: &[&str], label: &str| {
+            labels
+                .iter()
+                .position(|l| *l == label)
+                .unwrap_or(labels.len() - 1)
+        };
+        let (m, r) = (index(&METHODS, method), index(&route::ALL, route));
+        let c = status_class_index(status);
+        let slot = (m * route::ALL.len() + r) * STATUS_CLASSES.len() + c;
+        let (count, duration) = self.http_series[slot].get_or_init(|| {
+            let labels = [METHODS[m], route::ALL[r], STATUS_CLASSES[c]];
+            (
+                self.http_requests.with_label_values(&labels),
+                self.http_duration.with_label_values(&labels),
+            )
+        });
+        count.inc();
+        duration.observe(elapsed.as_secs_f64());
+    }
+
     pub fn db_timer(&self, operation: &'static str) -> prometheus::HistogramTimer {
         self.db_duration
             .with_label_values(&[operation])
@@ -224,25 +258,24 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
-/// HTTP method label, bounded.
+/// HTTP method labels, bounded: anything else is `OTHER`.
+pub const METHODS: [&str; 6] = ["GET", "HEAD", "PUT", "POST", "DELETE", "OTHER"];
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 pub fn method_label(m: &warp::http::Method) -> &'static str {
-    match m.as_str() {
-        "GET" => "GET",
-        "HEAD" => "HEAD",
-        "PUT" => "PUT",
-        "POST" => "POST",
-        "DELETE" => "DELETE",
-        _ => "OTHER",
-    }
+    METHODS[..METHODS.len() - 1]
+        .iter()
+        .find(|l| **l == m.as_str())
+        .unwrap_or(&"OTHER")
 }
 
-pub fn status_class(status: u16) -> &'static str {
+fn status_class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 

@@ -21,9 +21,53 @@ fn to_datetime(us: Micros) -> OffsetDateTime {
 
 /// `2026-11-22T19:54:48.123456Z`
 pub fn rfc3339_micros(us: Micros) -> String {
-    let fmt =
-        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
-    to_datetime(us).format(fmt).unwrap_or_default()
+    Rfc3339Micros::new(us).as_str().to_owned()
+}
+
+/// An RFC 3339 timestamp with microseconds, formatted without allocating: every log line
+/// carries one. The calendar part is formatted once per second per thread (with `time`);
+/// only the fraction is written per call.
+pub struct Rfc3339Micros([u8; 27]);
+
+impl Rfc3339Micros {
+    pub fn new(us: Micros) -> Self {
+        thread_local! {
+            /// The second last formatted on this thread and its `YYYY-MM-DDTHH:MM:SS`.
+            static SECOND: std::cell::Cell<(i64, [u8; 19])> =
+                const { std::cell::Cell::new((i64::MIN, [0; 19])) };
+        }
+        let (secs, frac) = (us.div_euclid(1_000_000), us.rem_euclid(1_000_000));
+        let prefix = SECOND.with(|cell| {
+            let (cached, prefix) = cell.get();
+            if cached == secs {
+                return prefix;
+            }
+            let fmt = format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+            let mut prefix = [b'0'; 19];
+            let text = to_datetime(secs * 1_000_000)
+                .format(fmt)
+                .unwrap_or_default();
+            if text.len() == prefix.len() {
+                prefix.copy_from_slice(text.as_bytes());
+            }
+            cell.set((secs, prefix));
+            prefix
+        });
+        let mut out = [0u8; 27];
+        out[..19].copy_from_slice(&prefix);
+        out[19] = b'.';
+        let mut f = frac as u32;
+        for digit in out[20..26].iter_mut().rev() {
+            *digit = b'0' + (f % 10) as u8;
+            f /= 10;
+        }
+        out[26] = b'Z';
+        Rfc3339Micros(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("ASCII digits and separators")
+    }
 }
 
 /// `Sun, 22 Nov 2026 19:54:48 GMT` (RFC 9110 IMF-fixdate)
@@ -90,6 +134,17 @@ mod tests {
             "2000-02-29T00:00:00.000007Z"
         );
         assert_eq!(from_sql(&to_sql(us)), Some(us));
+        // The cached calendar part follows the second, backwards too.
+        for t in [us, us + 1, us + 999_999, us + 1_000_000, us - 1, 0, us] {
+            let fmt = format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+            );
+            assert_eq!(
+                rfc3339_micros(t),
+                to_datetime(t).format(fmt).unwrap(),
+                "{t}"
+            );
+        }
         assert_eq!(
             from_sql(&Value::Bytes(b"2026-11-22 19:54:48.123456".to_vec())),
             Some(us)

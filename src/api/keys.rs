@@ -15,7 +15,7 @@ use warp::path::{FullPath, Tail};
 use warp::reply::Response;
 
 use super::{auth, finish, json_response, route, Req, State};
-use crate::cache::{CachedEntry, Source};
+use crate::cache::CachedEntry;
 use crate::error::ApiError;
 use crate::store::{Precondition, WriteOutcome};
 use crate::time;
@@ -41,14 +41,37 @@ const KEY_PATH: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
+/// `/v1/keys` and `/v1/keys/{key}`, one warp route: a key costs one path match.
+pub async fn dispatch<S, B>(
+    tail: Tail,
+    path: FullPath,
+    req: Req,
+    body: S,
+    state: Arc<State>,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    if !tail.as_str().is_empty() {
+        item(tail.as_str(), req, body, &state).await
+    } else if path.as_str() == "/v1/keys" {
+        collection(req, body, &state).await
+    } else {
+        // `/v1/keys/` names the empty key, which is not a key.
+        let e = ApiError::InvalidKey("the key is empty".into());
+        finish(&state, &req, route::KEY, Err(e))
+    }
+}
+
 /// `/v1/keys/{key}`: GET, HEAD, PUT, DELETE.
-pub async fn item<S, B>(tail: Tail, req: Req, body: S, state: Arc<State>) -> Response
+async fn item<S, B>(path: &str, req: Req, body: S, state: &State) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
 {
     let r = async {
-        let key = key_from_path(tail.as_str())?;
+        let key = key_from_path(path)?;
         match req.method {
             Method::GET | Method::HEAD => get(&state, &req, &key).await,
             Method::PUT => {
@@ -67,20 +90,11 @@ where
 }
 
 /// `/v1/keys`: GET/HEAD list, POST upsert.
-pub async fn collection<S, B>(path: FullPath, req: Req, body: S, state: Arc<State>) -> Response
+async fn collection<S, B>(req: Req, body: S, state: &State) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>> + Send,
     B: Buf,
 {
-    if path.as_str() != "/v1/keys" {
-        // `/v1/keys/` names the empty key, which is not a key.
-        return finish(
-            &state,
-            &req,
-            route::KEY,
-            Err(ApiError::InvalidKey("the key is empty".into())),
-        );
-    }
     let r = async {
         match req.method {
             Method::GET | Method::HEAD => list(&state, &req).await,
@@ -120,16 +134,11 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
                 .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
         });
     let (item, source) = state.cache.get(key, bypass, &state.store).await?;
-    let mut status = source.header().to_owned();
-    if source == Source::Hit
-        && !state
-            .health
-            .db_up
-            .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        status.push_str("; detail=db-unreachable");
-    }
-    let cache_status = HeaderValue::from_str(&status).expect("ASCII");
+    let db_unreachable = !state
+        .health
+        .db_up
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let cache_status = source.header(db_unreachable);
     let item = item.filter(|i| !i.is_expired(time::now_micros()));
     let Some(item) = item else {
         let mut resp = ApiError::NotFound(format!("no key {key:?}")).into_response(&req.id);

@@ -35,6 +35,8 @@ pub mod route {
     pub const READYZ: &str = "/readyz";
     pub const OPENAPI: &str = "/openapi.json";
     pub const UNMATCHED: &str = "unmatched";
+    /// Every template (`UNMATCHED` last).
+    pub const ALL: [&str; 8] = [KEY, KEYS, STATS, ROOT, HEALTHZ, READYZ, OPENAPI, UNMATCHED];
 }
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -184,25 +186,23 @@ pub fn routes(
     state: Arc<State>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let st = warp::any().map(move || state.clone());
-    let body = warp::body::stream();
 
-    let keys = warp::path!("v1" / "keys")
-        .and(warp::path::full())
-        .and(with_req())
-        .and(body)
-        .and(st.clone())
-        .then(keys::collection);
-    let key = warp::path("v1")
+    let keys = warp::path("v1")
         .and(warp::path("keys"))
         .and(warp::path::tail())
+        .and(warp::path::full())
         .and(with_req())
-        .and(body)
+        .and(warp::body::stream())
         .and(st.clone())
-        .then(keys::item);
+        // Handlers that wait on the database are state machines of several KiB; boxed, the
+        // filter chain moves a pointer around instead of copying them at every step.
+        .then(|tail, path, req, body, state| {
+            Box::pin(keys::dispatch(tail, path, req, body, state))
+        });
     let stats = warp::path!("v1" / "stats")
         .and(with_req())
         .and(st.clone())
-        .then(health::stats);
+        .then(|req, state| Box::pin(health::stats(req, state)));
     let root = warp::path::end()
         .and(with_req())
         .and(st.clone())
@@ -224,9 +224,7 @@ pub fn routes(
         finish(&state, &req, route::UNMATCHED, Err(e))
     });
 
-    keys.or(key)
-        .unify()
-        .or(stats)
+    keys.or(stats)
         .unify()
         .or(root)
         .unify()
@@ -284,17 +282,7 @@ where
     resp.headers_mut().insert(REQUEST_ID.clone(), id.clone());
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
-    let class = metrics::status_class(status);
-    state
-        .metrics
-        .http_requests
-        .with_label_values(&[method, route, class])
-        .inc();
-    state
-        .metrics
-        .http_duration
-        .with_label_values(&[method, route, class])
-        .observe(elapsed.as_secs_f64());
+    state.metrics.observe_http(method, route, status, elapsed);
     if state.config.access_log {
         let bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
         slog::info!(state.log, "request";
