@@ -40,6 +40,7 @@ SCORE=${BENCH_SERVER_CORE:-0}
 LCORE=${BENCH_LOAD_CORE:-1}
 OUT=${BENCH_OUT:-bench-results/latest.md}
 STRICT=${BENCH_STRICT:-0}
+DBCORES=${BENCH_DB_CORES-$SCORE}
 DEFAULT_CACHE=67108864
 
 die() { echo "bench: $*" >&2; exit 1; }
@@ -349,6 +350,9 @@ while IFS='=' read -r k v; do
   case $k in URL) URL=$v ;; DIR) DBDIR=$v ;; esac
 done < <(scripts/throwaway-mariadb.sh start)
 [ -n "$DBDIR" ] || die "throwaway-mariadb did not start"
+if [ -n "$DBCORES" ]; then
+  taskset -a -p -c "$DBCORES" "$(cat "$DBDIR/pid")" >/dev/null || die "cannot pin MariaDB to cores $DBCORES"
+fi
 SQL=(mariadb --no-defaults --socket="$DBDIR/sock" -uroot)
 "${SQL[@]}" -e 'CREATE DATABASE kvstore'
 KV_DATABASE_URL=$URL "$KVSTORE" migrate >"$W/migrate.log" 2>&1 || die "kvstore migrate failed: $(cat "$W/migrate.log")"
