@@ -288,3 +288,43 @@ fn reg<C: prometheus::core::Collector + Clone + 'static>(
         .expect("metric registered once");
     c
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pre-resolved series carry the labels they were asked for, one series each.
+    #[test]
+    fn http_series_are_labelled_by_method_route_and_class() {
+        let m = Metrics::new("0", "test");
+        let ms = Duration::from_millis(3);
+        m.observe_http("GET", route::KEY, 200, ms);
+        m.observe_http("GET", route::KEY, 204, ms);
+        m.observe_http("OTHER", route::UNMATCHED, 404, ms);
+        m.observe_http("POST", route::KEYS, 503, ms);
+        m.observe_http("DELETE", route::OPENAPI, 101, ms);
+        let text = String::from_utf8(m.render()).unwrap();
+        for series in [
+            r#"kvstore_http_requests_total{method="GET",route="/v1/keys/{key}",status_class="2xx"} 2"#,
+            r#"kvstore_http_requests_total{method="OTHER",route="unmatched",status_class="4xx"} 1"#,
+            r#"kvstore_http_requests_total{method="POST",route="/v1/keys",status_class="5xx"} 1"#,
+            r#"kvstore_http_requests_total{method="DELETE",route="/openapi.json",status_class="1xx"} 1"#,
+            r#"kvstore_http_request_duration_seconds_count{method="GET",route="/v1/keys/{key}",status_class="2xx"} 2"#,
+        ] {
+            assert!(text.contains(series), "missing {series} in\n{text}");
+        }
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("kvstore_http_requests_total{"))
+            .count();
+        assert_eq!(series, 4, "{text}");
+    }
+
+    #[test]
+    fn method_labels_are_bounded() {
+        use warp::http::Method;
+        assert_eq!(method_label(&Method::PUT), "PUT");
+        assert_eq!(method_label(&Method::OPTIONS), "OTHER");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "OTHER");
+    }
+}
