@@ -10,7 +10,10 @@
 # KV_CACHE_MAX_BYTES=$BENCH_MISS_CACHE_BYTES), (c) durable PUTs of distinct keys, (d) a 90/10
 # GET/PUT mix over the hot keys, (e) listing pages (limit 100, random cursors).
 # The server under test (kvstore, warp_ceiling, mysql_raw) runs on core $BENCH_SERVER_CORE and
-# wrk on core $BENCH_LOAD_CORE (taskset); MariaDB is not pinned.
+# wrk on core $BENCH_LOAD_CORE (taskset); MariaDB runs on $BENCH_DB_CORES, by default the server's
+# core: the raw baselines would otherwise give MariaDB the idle load core that wrk takes in the
+# HTTP runs, and compare the service against a database with more CPU than it ever gets.
+# The warp ceiling is measured twice, first and right after (a); (a) is judged against the mean.
 #
 # Writes the Markdown table to bench-results/latest.md (gitignored) and prints it.
 #
@@ -23,6 +26,7 @@
 #   BENCH_MISS_CACHE_BYTES=1048576  KV_CACHE_MAX_BYTES of the miss run
 #   BENCH_POOL_MAX=16         KV_DB_POOL_MAX of the service (its default) and of mysql_raw
 #   BENCH_SERVER_CORE=0 BENCH_LOAD_CORE=1
+#   BENCH_DB_CORES=$BENCH_SERVER_CORE  MariaDB's cores (taskset list); empty: not pinned
 #   BENCH_OUT=bench-results/latest.md
 #   BENCH_STRICT=0            1: exit 1 when a target is missed (errors always fail the run)
 #   BENCH_KEEP=0              1: keep the work directory (logs, wrk output)
@@ -41,6 +45,11 @@ LCORE=${BENCH_LOAD_CORE:-1}
 OUT=${BENCH_OUT:-bench-results/latest.md}
 STRICT=${BENCH_STRICT:-0}
 DBCORES=${BENCH_DB_CORES-$SCORE}
+if [ -n "$DBCORES" ]; then
+  DB_PINNING="on core(s) $DBCORES, sharing them with the server under test (service or mysql_raw: the same CPU for the server side in every run)"
+else
+  DB_PINNING="unpinned"
+fi
 DEFAULT_CACHE=67108864
 
 die() { echo "bench: $*" >&2; exit 1; }
@@ -342,7 +351,8 @@ CEIL_ADDR=$(awk '/^listening/ {print $2}' "$W/ceiling.log")
 [ -n "$CEIL_ADDR" ] || die "warp_ceiling did not start: $(cat "$W/ceiling.log")"
 wrk_run ceiling "$W/get_hot.lua" "http://$CEIL_ADDR" "$CEIL_PID" -
 RSS[ceiling]="–"; HIT[ceiling]="–"
-kill "$CEIL_PID"; wait "$CEIL_PID" 2>/dev/null || true
+# It stays up (idle) to be measured again right after the cached GETs: on a shared VM the
+# machine's speed drifts within minutes, and the cached ratio compares runs seconds apart.
 
 # --- database and keyspace ----------------------------------------------------------------
 log "starting a throwaway MariaDB"
@@ -381,6 +391,9 @@ log "kvstore (default configuration, access log to a file) on core $SCORE"
 start_service kvstore-default
 warm_hot
 wrk_run cached "$W/get_hot.lua" "http://$HTTP_ADDR" "$SVC_PID" "$METRICS_ADDR"
+wrk_run ceiling2 "$W/get_hot.lua" "http://$CEIL_ADDR" "$CEIL_PID" -
+RSS[ceiling2]="–"; HIT[ceiling2]="–"; DBC[ceiling2]="–"; DBC[ceiling]="–"
+kill "$CEIL_PID"; wait "$CEIL_PID" 2>/dev/null || true
 warm_hot
 wrk_run mix "$W/mix.lua" "http://$HTTP_ADDR" "$SVC_PID" "$METRICS_ADDR"
 wrk_run list "$W/list.lua" "http://$HTTP_ADDR" "$SVC_PID" "$METRICS_ADDR"
@@ -403,7 +416,8 @@ le() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a <= b)}'; }
 MISSED=0
 verdict() { if "$@"; then echo "yes"; else echo "**no**"; fi; }
 
-R_CACHED=$(ratio "${RPS[cached]}" "${RPS[ceiling]}")
+CEILING_MEAN=$(awk -v a="${RPS[ceiling]}" -v b="${RPS[ceiling2]}" 'BEGIN {printf "%.0f", (a + b) / 2}')
+R_CACHED=$(ratio "${RPS[cached]}" "$CEILING_MEAN")
 R_MISS=$(ratio "${RPS[miss]}" "${RPS[raw_select]}")
 R_PUT=$(ratio "${RPS[put]}" "${RPS[raw_upsert]}")
 RSS_DEFAULT=$(printf '%s\n' "${RSS[cached]}" "${RSS[mix]}" "${RSS[list]}" "${RSS[put]}" | sort -g | tail -1)
@@ -425,13 +439,14 @@ mkdir -p "$(dirname "$OUT")"
     "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'); kvstore $("$KVSTORE" --version | awk '{print $2, $3}');"\
     "load average before the build $LOAD_AT_START (other work on the machine skews every figure)."
   echo "Pinning: the server under test (kvstore, warp_ceiling, mysql_raw) on core $SCORE, wrk on core $LCORE" \
-    "(\`taskset\`), MariaDB unpinned (durable: innodb_flush_log_at_trx_commit=1, ext4)."
+    "(\`taskset\`), MariaDB ${DB_PINNING} (durable: innodb_flush_log_at_trx_commit=1, ext4)."
   echo "Each run: ${SECS} s after a ${WARM} s warm-up, wrk -t1 -c$CONNS (mysql_raw: $CONNS tasks), pool $POOL;" \
     "$HOT hot keys, $MISS keys for misses; values ≈ 85 B of JSON, entry documents ≈ 225 B."
   echo
   echo "| scenario | req/s | p50 ms | p99 ms | errors | RSS MiB | server CPU | cache hits | DB conns opened | CPU steal |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   row "baseline: warp ceiling, GET from a HashMap" ceiling
+  row "baseline: warp ceiling again, right after (a)" ceiling2
   row "baseline: mysql_async point SELECT (no HTTP)" raw_select
   row "baseline: mysql_async durable upsert (no HTTP)" raw_upsert
   row "(a) cached GET, hot keys" cached
@@ -442,7 +457,7 @@ mkdir -p "$(dirname "$OUT")"
   echo
   echo "| target (issue 6) | measured | goal | met |"
   echo "| --- | ---: | ---: | :---: |"
-  echo "| cached GET / warp ceiling | $R_CACHED | ≥ 0.8 | $(verdict ge "$R_CACHED" 0.8) |"
+  echo "| cached GET / warp ceiling (mean of its two runs) | $R_CACHED | ≥ 0.8 | $(verdict ge "$R_CACHED" 0.8) |"
   echo "| misses / raw point SELECT | $R_MISS | ≥ 0.5 | $(verdict ge "$R_MISS" 0.5) |"
   echo "| durable PUT / raw upsert | $R_PUT | ≥ 0.4 | $(verdict ge "$R_PUT" 0.4) |"
   echo "| p99 of cached GET at $CONNS connections | ${P99[cached]} ms | ≤ 2 ms | $(verdict le "${P99[cached]}" 2) |"
