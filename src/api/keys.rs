@@ -73,20 +73,20 @@ where
     let r = async {
         let key = key_from_path(path)?;
         match req.method {
-            Method::GET | Method::HEAD => get(&state, &req, &key).await,
+            Method::GET | Method::HEAD => get(state, &req, &key).await,
             Method::PUT => {
                 auth::check_write(&state.config, &req)?;
                 req.query_params(&[])?;
-                let raw = read_body(body, &req.headers, &state).await?;
+                let raw = read_body(body, &req.headers, state).await?;
                 let parsed: PutBody = parse_json(&raw)?;
-                write(&state, &req, key, parsed.value, parsed.ttl_seconds).await
+                write(state, &req, key, parsed.value, parsed.ttl_seconds).await
             }
-            Method::DELETE => delete(&state, &req, &key).await,
+            Method::DELETE => delete(state, &req, &key).await,
             _ => Err(not_allowed(&req, ALLOW_KEY)),
         }
     }
     .await;
-    finish(&state, &req, route::KEY, r)
+    finish(state, &req, route::KEY, r)
 }
 
 /// `/v1/keys`: GET/HEAD list, POST upsert.
@@ -97,20 +97,20 @@ where
 {
     let r = async {
         match req.method {
-            Method::GET | Method::HEAD => list(&state, &req).await,
+            Method::GET | Method::HEAD => list(state, &req).await,
             Method::POST => {
                 auth::check_write(&state.config, &req)?;
                 req.query_params(&[])?;
-                let raw = read_body(body, &req.headers, &state).await?;
+                let raw = read_body(body, &req.headers, state).await?;
                 let parsed: PostBody = parse_json(&raw)?;
                 validate_key(&parsed.key)?;
-                write(&state, &req, parsed.key, parsed.value, parsed.ttl_seconds).await
+                write(state, &req, parsed.key, parsed.value, parsed.ttl_seconds).await
             }
             _ => Err(not_allowed(&req, ALLOW_KEYS)),
         }
     }
     .await;
-    finish(&state, &req, route::KEYS, r)
+    finish(state, &req, route::KEYS, r)
 }
 
 fn not_allowed(req: &Req, allow: &'static str) -> ApiError {
