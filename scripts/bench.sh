@@ -46,7 +46,7 @@ OUT=${BENCH_OUT:-bench-results/latest.md}
 STRICT=${BENCH_STRICT:-0}
 DBCORES=${BENCH_DB_CORES-$SCORE}
 if [ -n "$DBCORES" ]; then
-  DB_PINNING="on core(s) $DBCORES, sharing them with the server under test (service or mysql_raw: the same CPU for the server side in every run)"
+  DB_PINNING="pinned to core(s) $DBCORES with the server under test, so the server side gets the same CPU in every run"
 else
   DB_PINNING="unpinned"
 fi
@@ -396,7 +396,7 @@ start_service kvstore-default
 warm_hot
 wrk_run cached "$W/get_hot.lua" "http://$HTTP_ADDR" "$SVC_PID" "$METRICS_ADDR"
 wrk_run ceiling2 "$W/get_hot.lua" "http://$CEIL_ADDR" "$CEIL_PID" -
-RSS[ceiling2]="–"; HIT[ceiling2]="–"; DBC[ceiling2]="–"; DBC[ceiling]="–"
+RSS[ceiling2]="–"; HIT[ceiling2]="–"; DBC[ceiling2]="–"
 kill "$CEIL_PID"; wait "$CEIL_PID" 2>/dev/null || true
 warm_hot
 wrk_run mix "$W/mix.lua" "http://$HTTP_ADDR" "$SVC_PID" "$METRICS_ADDR"
@@ -443,7 +443,7 @@ mkdir -p "$(dirname "$OUT")"
     "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'); kvstore $("$KVSTORE" --version | awk '{print $2, $3}');"\
     "load average before the build $LOAD_AT_START (other work on the machine skews every figure)."
   echo "Pinning: the server under test (kvstore, warp_ceiling, mysql_raw) on core $SCORE, wrk on core $LCORE" \
-    "(\`taskset\`), MariaDB ${DB_PINNING} (durable: innodb_flush_log_at_trx_commit=1, ext4)."
+    "(\`taskset\`), MariaDB ${DB_PINNING}; durable: innodb_flush_log_at_trx_commit=1, ext4."
   echo "Each run: ${SECS} s after a ${WARM} s warm-up, wrk -t1 -c$CONNS (mysql_raw: $CONNS tasks), pool $POOL;" \
     "$HOT hot keys, $MISS keys for misses; values ≈ 85 B of JSON, entry documents ≈ 225 B."
   echo
