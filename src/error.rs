@@ -131,7 +131,7 @@ struct Problem<'a> {
 }
 
 /// A database failure, as the store reports it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum DbError {
     /// Could not get a connection, or the query did not finish in time.
     Timeout(&'static str),

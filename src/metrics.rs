@@ -39,6 +39,8 @@ pub struct Metrics {
     pub cache_invalidations: IntCounter,
     pub db_duration: HistogramVec,
     pub db_errors: IntCounterVec,
+    /// Requests per coalesced database batch (point reads, plain writes).
+    db_batch: HistogramVec,
     pub db_pool_in_use: IntGauge,
     pub db_pool_max: IntGauge,
     pub db_pool_waiting: IntGauge,
@@ -147,6 +149,17 @@ impl Metrics {
                     &["operation"],
                 ),
             ),
+            db_batch: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "kvstore_db_batch_size",
+                        "Requests that went to the database together in one coalesced batch.",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+                    &["operation"],
+                ),
+            ),
             db_pool_in_use: reg(
                 r,
                 IntGauge::new(
@@ -190,6 +203,9 @@ impl Metrics {
         for op in DB_OPERATIONS {
             m.db_errors.with_label_values(&[op]);
         }
+        for op in ["get", "upsert"] {
+            m.db_batch.with_label_values(&[op]);
+        }
         for cause in ["size", "expired"] {
             m.cache_evictions.with_label_values(&[cause]);
         }
@@ -231,6 +247,13 @@ impl Metrics {
         self.db_duration
             .with_label_values(&[operation])
             .start_timer()
+    }
+
+    /// Observes the size of a coalesced batch (`operation`: `get` or `upsert`).
+    pub fn db_batch_size(&self, operation: &'static str, requests: usize) {
+        self.db_batch
+            .with_label_values(&[operation])
+            .observe(requests as f64);
     }
 
     /// The text exposition of every metric.

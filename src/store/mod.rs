@@ -5,9 +5,11 @@
 //! `KV_DB_QUERY_TIMEOUT`, or fails with [`DbError::Timeout`] (→ 503).
 
 pub mod batch;
+pub mod coalesce;
 pub mod migrations;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -19,6 +21,7 @@ use crate::error::DbError;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::time::{self, Micros};
 use batch::{ServerTx, Sql};
+use coalesce::Coalescer;
 
 /// Rows of `kv_write_counter`; a write bumps one at random (see sql/0001_schema.sql).
 const COUNTER_SLOTS: u64 = 64;
@@ -136,8 +139,22 @@ pub struct Change {
     pub origin: u64,
 }
 
+/// The database side of the service. Cheap to clone.
+///
+/// Point reads and plain (unconditional) writes are coalesced (see [`coalesce`]): requests
+/// that arrive while earlier ones are at the database go together, as one `SELECT … IN (…)` or
+/// one transaction of several `kv_put_row` calls, which is what lets MySQL keep up with many
+/// concurrent clients. Everything else runs one operation per connection.
 #[derive(Clone)]
 pub struct Store {
+    db: Arc<Db>,
+    reads: Arc<Coalescer<String, Option<Entry>>>,
+    writes: Arc<Coalescer<Put, WriteOutcome>>,
+}
+
+/// Pools, timeouts and metrics: what every operation runs with (the coalescing workers hold
+/// this, not the [`Store`], so they end when the last `Store` is dropped).
+struct Db {
     pool: Pool,
     /// Two connections of their own for the readiness ping and the change-log poll, so a
     /// saturated pool (overload) neither flips readiness nor stalls cross-replica
@@ -151,10 +168,23 @@ pub struct Store {
     origin: u64,
 }
 
+/// A plain write waiting to be coalesced.
+struct Put {
+    key: String,
+    value: String,
+    ttl_seconds: Option<u32>,
+}
+
+/// Values larger than this are written on their own, as a prepared `CALL kv_put` (a batch
+/// carries values as hexadecimal text, twice their size, and must stay far below
+/// `max_allowed_packet`).
+const COALESCED_VALUE_MAX: usize = 64 * 1024;
+
 impl Store {
+    /// Starts the coalescing workers: needs a Tokio runtime.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Store {
         metrics.db_pool_max.set(config.db_pool_max as i64);
-        Store {
+        let db = Arc::new(Db {
             pool: Pool::new(config.database.opts().clone()),
             side_pool: Pool::new(
                 mysql_async::OptsBuilder::from_opts(config.database.opts().clone()).pool_opts(
@@ -171,22 +201,302 @@ impl Store {
             query_timeout: config.db_query_timeout,
             connect_timeout: config.db_connect_timeout,
             origin: uuid::Uuid::new_v4().as_u64_pair().0 >> 1,
+        });
+        // A quarter of the pool each for coalesced reads and writes: the rest stays free for
+        // listing, deletes, conditional writes and stats.
+        let limits = coalesce::Limits {
+            workers: (config.db_pool_max / 4).max(1),
+            max_items: READ_BATCH_MAX,
+            max_weight: usize::MAX,
+            max_wait: config.db_acquire_timeout,
+        };
+        let d = db.clone();
+        let reads = Coalescer::spawn(limits, |_| 1, move |keys: Vec<String>| {
+            let d = d.clone();
+            async move { d.get_many(keys).await }
+        });
+        let d = db.clone();
+        let writes = Coalescer::spawn(
+            coalesce::Limits {
+                max_items: 64,
+                max_weight: 256 * 1024,
+                ..limits
+            },
+            |p: &Put| p.key.len() + p.value.len(),
+            move |puts: Vec<Put>| {
+                let d = d.clone();
+                async move { d.put_many(puts).await }
+            },
+        );
+        Store {
+            db,
+            reads: Arc::new(reads),
+            writes: Arc::new(writes),
         }
     }
 
     pub fn origin(&self) -> u64 {
-        self.origin
+        self.db.origin
     }
 
     /// Closes every pooled connection (after the HTTP drain, at shutdown).
     pub async fn close(self, within: Duration) {
         let _ = tokio::time::timeout(within, async {
-            let _ = self.side_pool.disconnect().await;
-            let _ = self.pool.disconnect().await;
+            let _ = self.db.side_pool.clone().disconnect().await;
+            let _ = self.db.pool.clone().disconnect().await;
         })
         .await;
     }
+    /// A cheap round trip, bounded by `KV_DB_CONNECT_TIMEOUT` (readiness, `/`).
+    pub async fn ping(&self) -> Result<(), DbError> {
+        let _timer = self.db.metrics.db_timer("ping");
+        let within = self.db.connect_timeout;
+        let r = tokio::time::timeout(within, async {
+            let mut conn = self.db.side_pool.get_conn().await?;
+            conn.ping().await.map_err(DbError::from)
+        })
+        .await
+        .unwrap_or(Err(DbError::Timeout("ping")));
+        if r.is_err() {
+            self.db.metrics.db_errors.with_label_values(&["ping"]).inc();
+        }
+        r
+    }
 
+    /// Applies pending migrations under a named lock (see `migrations`).
+    pub async fn migrate(&self) -> Result<Vec<u32>, DbError> {
+        let _timer = self.db.metrics.db_timer("migrate");
+        let mut conn = self.db.acquire(&self.db.pool, self.db.connect_timeout).await?;
+        migrations::apply(&mut conn).await.map_err(DbError::from)
+    }
+
+    /// Point read of a live (not expired) entry (coalesced with concurrent reads).
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, DbError> {
+        self.reads.submit(key.to_owned()).await
+    }
+
+    /// Live entries with `prefix`, strictly after `after` (if any), in key byte order.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, DbError> {
+        let now = time::now_micros();
+        let upper = prefix_upper_bound(prefix.as_bytes());
+        let mut sql = String::from(
+            "SELECT k, v, version, rev, created_at, updated_at, expires_at FROM kv_entries WHERE ",
+        );
+        let mut params: Vec<Value> = Vec::with_capacity(4);
+        match after {
+            Some(a) if a.as_bytes() >= prefix.as_bytes() => {
+                sql.push_str("k > ?");
+                params.push(Value::Bytes(a.as_bytes().to_vec()));
+            }
+            _ => {
+                sql.push_str("k >= ?");
+                params.push(Value::Bytes(prefix.as_bytes().to_vec()));
+            }
+        }
+        if let Some(u) = upper {
+            sql.push_str(" AND k < ?");
+            params.push(Value::Bytes(u));
+        }
+        sql.push_str(" AND (expires_at IS NULL OR expires_at > ?) ORDER BY k LIMIT ?");
+        params.push(time::to_sql(now));
+        params.push(Value::UInt(limit as u64));
+        let (sql, params) = (sql.as_str(), &params);
+        self.db.run("list", |mut conn: Conn| {
+            Box::pin(async move {
+                let rows: Vec<Row> = conn.exec(sql, params.clone()).await?;
+                rows.into_iter().map(entry_from_row).collect()
+            })
+        })
+        .await
+    }
+
+    /// Upsert in one transaction: log the change, write the entry, count the write, read back
+    /// the version. A plain write is coalesced with concurrent ones (one transaction for all,
+    /// see [`Db::put_many`]); a conditional write, or one with a large value, runs alone
+    /// ([`Db::put_one`]). Returns only after COMMIT.
+    pub async fn upsert(
+        &self,
+        key: &str,
+        value: &str,
+        ttl_seconds: Option<u32>,
+        pre: &Precondition,
+    ) -> Result<WriteOutcome, DbError> {
+        if *pre != Precondition::NONE || value.len() > COALESCED_VALUE_MAX {
+            return self.db.put_one(key, value, ttl_seconds, pre).await;
+        }
+        self.writes
+            .submit(Put {
+                key: key.to_owned(),
+                value: value.to_owned(),
+                ttl_seconds,
+            })
+            .await
+    }
+
+    /// Delete in one transaction: lock and check the row, then log the change and delete
+    /// it (two round trips).
+    pub async fn delete(&self, key: &str, pre: &Precondition) -> Result<WriteOutcome, DbError> {
+        let origin = self.db.origin;
+        self.db.run("delete", |conn: Conn| {
+            Box::pin(async move {
+                let now = time::now_micros();
+                let mut tx = ServerTx::new(conn);
+                let Some(current) = lock_row(&mut tx, key, now).await? else {
+                    tx.rollback().await;
+                    return Ok(if pre.allows(None) {
+                        WriteOutcome::NotFound
+                    } else {
+                        WriteOutcome::PreconditionFailed
+                    });
+                };
+                if !pre.allows(current.live_rev) {
+                    tx.rollback().await;
+                    return Ok(WriteOutcome::PreconditionFailed);
+                }
+                let mut sql = Sql::with_capacity(300 + 4 * key.len());
+                log_change(&mut sql, key, origin, now);
+                sql.raw(";\nSELECT LAST_INSERT_ID();\nDELETE FROM kv_entries WHERE k = ")
+                    .bytes(key.as_bytes())
+                    .raw(";\nCOMMIT");
+                let row = tx.batch(sql.into_string()).await?.into_iter().next();
+                tx.finish();
+                let rev = row
+                    .and_then(|mut r| r.take::<u64, _>(0))
+                    .ok_or_else(|| mysql_async::Error::Other("no id for the change".into()))?;
+                // An expired row is removed too, but to the client it was already gone.
+                Ok(match current.live_rev {
+                    Some(_) => WriteOutcome::Deleted { rev },
+                    None => WriteOutcome::NotFound,
+                })
+            })
+        })
+        .await
+    }
+
+    /// `(live keys, writes_total)`.
+    pub async fn stats(&self) -> Result<(u64, u64), DbError> {
+        let now = time::now_micros();
+        self.db.run("stats", |mut conn: Conn| Box::pin(async move {
+                let row: Option<(u64, u64)> = conn
+                    .exec_first(
+                        "SELECT (SELECT COUNT(*) FROM kv_entries \
+                                 WHERE expires_at IS NULL OR expires_at > ?), \
+                                CAST((SELECT COALESCE(SUM(n), 0) FROM kv_write_counter) AS UNSIGNED)",
+                        (time::to_sql(now),),
+                    )
+                    .await?;
+                Ok(row.unwrap_or((0, 0)))
+        }))
+        .await
+    }
+
+    /// Deletes expired entries (in batches) and change-log rows older than `keep_changes`.
+    pub async fn purge(&self, keep_changes: Duration) -> Result<u64, DbError> {
+        let mut purged = 0;
+        for _ in 0..100 {
+            let now = time::now_micros();
+            let n = self
+                .db
+                .run("purge", |mut conn: Conn| {
+                    Box::pin(async move {
+                        conn.exec_drop(
+                            "DELETE FROM kv_entries WHERE expires_at <= ? LIMIT 1000",
+                            (time::to_sql(now),),
+                        )
+                        .await?;
+                        Ok(conn.affected_rows())
+                    })
+                })
+                .await?;
+            purged += n;
+            if n < 1000 {
+                break;
+            }
+        }
+        let cutoff = time::now_micros() - keep_changes.as_micros() as i64;
+        self.db.run("purge", |mut conn: Conn| {
+            Box::pin(async move {
+                conn.exec_drop(
+                    "DELETE FROM kv_changes WHERE changed_at < ? LIMIT 10000",
+                    (time::to_sql(cutoff),),
+                )
+                .await
+            })
+        })
+        .await?;
+        Ok(purged)
+    }
+
+    /// The newest change-log id (where a new poller starts).
+    pub async fn last_change_id(&self) -> Result<u64, DbError> {
+        self.db.run("poll", |mut conn: Conn| {
+            Box::pin(async move {
+                let id: Option<Option<u64>> =
+                    conn.query_first("SELECT MAX(id) FROM kv_changes").await?;
+                Ok(id.flatten().unwrap_or(0))
+            })
+        })
+        .await
+    }
+
+    /// Change-log rows after `after`, plus any of the `gaps` ids that have committed since.
+    pub async fn changes_since(&self, after: u64, gaps: &[u64]) -> Result<Vec<Change>, DbError> {
+        let mut sql = String::from("SELECT id, k, origin FROM kv_changes WHERE id > ?");
+        let mut params = vec![Value::UInt(after)];
+        if !gaps.is_empty() {
+            sql.push_str(" OR id IN (");
+            for (i, g) in gaps.iter().enumerate() {
+                sql.push_str(if i == 0 { "?" } else { ", ?" });
+                params.push(Value::UInt(*g));
+            }
+            sql.push(')');
+        }
+        sql.push_str(" ORDER BY id LIMIT 10000");
+        let (sql, params) = (sql.as_str(), &params);
+        self.db.run("poll", |mut conn: Conn| {
+            Box::pin(async move {
+                let rows: Vec<(u64, Vec<u8>, u64)> = conn.exec(sql, params.clone()).await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, k, origin)| Change {
+                        id,
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        origin,
+                    })
+                    .collect())
+            })
+        })
+        .await
+    }
+}
+
+/// Most keys in one coalesced read.
+const READ_BATCH_MAX: usize = 64;
+
+/// SQL of a coalesced point read of `n` keys, `n` rounded up to a power of two (a batch is
+/// padded by repeating its last key, so a connection prepares at most seven statements).
+fn select_in(n: usize) -> &'static str {
+    static SQL: OnceLock<Vec<String>> = OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (0..=READ_BATCH_MAX.trailing_zeros())
+            .map(|p| {
+                let marks = vec!["?"; 1 << p].join(", ");
+                format!(
+                    "SELECT k, v, version, rev, created_at, updated_at, expires_at FROM kv_entries \
+                     WHERE k IN ({marks}) AND (expires_at IS NULL OR expires_at > ?)"
+                )
+            })
+            .collect()
+    });
+    &all[n.next_power_of_two().trailing_zeros() as usize]
+}
+
+impl Db {
     /// Runs `f` on a pooled connection with the acquire and query timeouts, records the
     /// operation's latency and errors, and retries deadlocks / racing creates.
     async fn run<'a, T, F>(&self, operation: &'static str, mut f: F) -> Result<T, DbError>
@@ -237,92 +547,37 @@ impl Store {
         }
     }
 
-    /// A cheap round trip, bounded by `KV_DB_CONNECT_TIMEOUT` (readiness, `/`).
-    pub async fn ping(&self) -> Result<(), DbError> {
-        let _timer = self.metrics.db_timer("ping");
-        let within = self.connect_timeout;
-        let r = tokio::time::timeout(within, async {
-            let mut conn = self.side_pool.get_conn().await?;
-            conn.ping().await.map_err(DbError::from)
-        })
-        .await
-        .unwrap_or(Err(DbError::Timeout("ping")));
-        if r.is_err() {
-            self.metrics.db_errors.with_label_values(&["ping"]).inc();
-        }
-        r
-    }
-
-    /// Applies pending migrations under a named lock (see `migrations`).
-    pub async fn migrate(&self) -> Result<Vec<u32>, DbError> {
-        let _timer = self.metrics.db_timer("migrate");
-        let mut conn = self.acquire(&self.pool, self.connect_timeout).await?;
-        migrations::apply(&mut conn).await.map_err(DbError::from)
-    }
-
-    /// Point read of a live (not expired) entry.
-    pub async fn get(&self, key: &str) -> Result<Option<Entry>, DbError> {
+    /// Point reads of live entries, one statement for all keys; `None` for an absent or
+    /// expired key, in the order of `keys`.
+    async fn get_many(&self, keys: Vec<String>) -> Result<Vec<Option<Entry>>, DbError> {
+        self.metrics.db_batch_size("get", keys.len());
         let now = time::now_micros();
-        self.run("get", |mut conn: Conn| {
-            Box::pin(async move {
-                let row: Option<Row> = conn
-                    .exec_first(
-                        "SELECT k, v, version, rev, created_at, updated_at, expires_at \
-                         FROM kv_entries WHERE k = ? AND (expires_at IS NULL OR expires_at > ?)",
-                        (key.as_bytes(), time::to_sql(now)),
-                    )
-                    .await?;
-                row.map(entry_from_row).transpose()
-            })
-        })
-        .await
-    }
-
-    /// Live entries with `prefix`, strictly after `after` (if any), in key byte order.
-    pub async fn list(
-        &self,
-        prefix: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<Entry>, DbError> {
-        let now = time::now_micros();
-        let upper = prefix_upper_bound(prefix.as_bytes());
-        let mut sql = String::from(
-            "SELECT k, v, version, rev, created_at, updated_at, expires_at FROM kv_entries WHERE ",
-        );
-        let mut params: Vec<Value> = Vec::with_capacity(4);
-        match after {
-            Some(a) if a.as_bytes() >= prefix.as_bytes() => {
-                sql.push_str("k > ?");
-                params.push(Value::Bytes(a.as_bytes().to_vec()));
-            }
-            _ => {
-                sql.push_str("k >= ?");
-                params.push(Value::Bytes(prefix.as_bytes().to_vec()));
-            }
-        }
-        if let Some(u) = upper {
-            sql.push_str(" AND k < ?");
-            params.push(Value::Bytes(u));
-        }
-        sql.push_str(" AND (expires_at IS NULL OR expires_at > ?) ORDER BY k LIMIT ?");
+        let sql = select_in(keys.len());
+        let mut params: Vec<Value> = keys
+            .iter()
+            .map(|k| Value::Bytes(k.as_bytes().to_vec()))
+            .collect();
+        let last = params.last().cloned().unwrap_or(Value::NULL);
+        params.resize(keys.len().next_power_of_two(), last);
         params.push(time::to_sql(now));
-        params.push(Value::UInt(limit as u64));
-        let (sql, params) = (sql.as_str(), &params);
-        self.run("list", |mut conn: Conn| {
-            Box::pin(async move {
-                let rows: Vec<Row> = conn.exec(sql, params.clone()).await?;
-                rows.into_iter().map(entry_from_row).collect()
+        let params = &params;
+        let found = self
+            .run("get", |mut conn: Conn| {
+                Box::pin(async move {
+                    let rows: Vec<Row> = conn.exec(sql, params.clone()).await?;
+                    rows.into_iter()
+                        .map(|r| entry_from_row(r).map(|e| (e.key.clone(), e)))
+                        .collect::<Result<HashMap<String, Entry>, _>>()
+                })
             })
-        })
-        .await
+            .await?;
+        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
     }
 
-    /// Upsert in one transaction: log the change, write the entry, count the write, read back
-    /// the version, all in the stored procedure `kv_put` (sql/0003_put_procedure.sql): one
-    /// round trip. With a precondition, the row is first locked and checked in a round trip
-    /// of its own. Returns only after COMMIT.
-    pub async fn upsert(
+    /// One write in its own transaction: the stored procedure `kv_put`
+    /// (sql/0003_put_procedure.sql), one round trip as a prepared CALL. With a precondition,
+    /// the row is first locked and checked in a round trip of its own.
+    async fn put_one(
         &self,
         key: &str,
         value: &str,
@@ -360,162 +615,101 @@ impl Store {
                     .next();
                 tx.finish();
                 let bad = || mysql_async::Error::Other("the upsert read back no entry".into());
-                let (version, rev, created): (u64, u64, Value) =
-                    mysql_async::from_row_opt(row.ok_or_else(bad)?).map_err(|_| bad())?;
-                let entry = Entry {
-                    key: key.to_owned(),
-                    value: value.to_owned(),
-                    version,
-                    rev,
-                    created_at: time::from_sql(&created).ok_or_else(bad)?,
-                    updated_at: now,
-                    expires_at,
-                };
-                // An expired row is replaced at version 1: to the client it is a create.
-                Ok(if version == 1 {
-                    WriteOutcome::Created(entry)
-                } else {
-                    WriteOutcome::Replaced(entry)
-                })
+                outcome_of(row.ok_or_else(bad)?, key, value, now, expires_at)
             })
         })
         .await
     }
 
-    /// Delete in one transaction: lock and check the row, then log the change and delete
-    /// it (two round trips).
-    pub async fn delete(&self, key: &str, pre: &Precondition) -> Result<WriteOutcome, DbError> {
-        let origin = self.origin;
-        self.run("delete", |conn: Conn| {
+    /// Plain writes in one transaction and one round trip: a text batch of `kv_put_row`
+    /// calls (sql/0004_put_row_procedure.sql), in key order (so concurrent batches lock rows
+    /// in the same order), then one counter bump by the number of writes, then COMMIT. A key
+    /// written twice in one batch gets two versions, in queue order. Results in the order of
+    /// `puts`.
+    async fn put_many(&self, puts: Vec<Put>) -> Result<Vec<WriteOutcome>, DbError> {
+        self.metrics.db_batch_size("upsert", puts.len());
+        if let [p] = puts.as_slice() {
+            return Ok(vec![
+                self.put_one(&p.key, &p.value, p.ttl_seconds, &Precondition::NONE)
+                    .await?,
+            ]);
+        }
+        let mut order: Vec<usize> = (0..puts.len()).collect();
+        order.sort_by(|&a, &b| puts[a].key.cmp(&puts[b].key));
+        let (origin, order, puts) = (self.origin, &order, &puts);
+        self.run("upsert", |conn: Conn| {
             Box::pin(async move {
                 let now = time::now_micros();
-                let mut tx = ServerTx::new(conn);
-                let Some(current) = lock_row(&mut tx, key, now).await? else {
-                    tx.rollback().await;
-                    return Ok(if pre.allows(None) {
-                        WriteOutcome::NotFound
-                    } else {
-                        WriteOutcome::PreconditionFailed
-                    });
-                };
-                if !pre.allows(current.live_rev) {
-                    tx.rollback().await;
-                    return Ok(WriteOutcome::PreconditionFailed);
+                let expiry = |p: &Put| p.ttl_seconds.map(|t| now + i64::from(t) * 1_000_000);
+                let bytes: usize = puts.iter().map(|p| p.key.len() + p.value.len()).sum();
+                let mut sql = Sql::with_capacity(2 * bytes + 160 * puts.len() + 200);
+                sql.raw("START TRANSACTION");
+                for &i in order {
+                    let p = &puts[i];
+                    sql.raw(";\nCALL kv_put_row(")
+                        .bytes(p.key.as_bytes())
+                        .raw(", ")
+                        .bytes(p.value.as_bytes())
+                        .raw(", ")
+                        .uint(origin)
+                        .raw(", ")
+                        .datetime(Some(now))
+                        .raw(", ")
+                        .datetime(expiry(p))
+                        .raw(")");
                 }
-                let mut sql = Sql::with_capacity(300 + 4 * key.len());
-                log_change(&mut sql, key, origin, now);
-                sql.raw(";\nSELECT LAST_INSERT_ID();\nDELETE FROM kv_entries WHERE k = ")
-                    .bytes(key.as_bytes())
+                let slot = uuid::Uuid::new_v4().as_u64_pair().0 % COUNTER_SLOTS;
+                sql.raw(";\nUPDATE kv_write_counter SET n = n + ")
+                    .uint(puts.len() as u64)
+                    .raw(" WHERE slot = ")
+                    .uint(slot)
                     .raw(";\nCOMMIT");
-                let row = tx.batch(sql.into_string()).await?.into_iter().next();
+                let mut tx = ServerTx::new(conn);
+                let rows = tx.batch(sql.into_string()).await?;
                 tx.finish();
-                let rev = row
-                    .and_then(|mut r| r.take::<u64, _>(0))
-                    .ok_or_else(|| mysql_async::Error::Other("no id for the change".into()))?;
-                // An expired row is removed too, but to the client it was already gone.
-                Ok(match current.live_rev {
-                    Some(_) => WriteOutcome::Deleted { rev },
-                    None => WriteOutcome::NotFound,
-                })
+                if rows.len() != puts.len() {
+                    return Err(mysql_async::Error::Other(
+                        format!("{} writes read back {} rows", puts.len(), rows.len()).into(),
+                    ));
+                }
+                let mut out: Vec<Option<WriteOutcome>> = (0..puts.len()).map(|_| None).collect();
+                for (&i, row) in order.iter().zip(rows) {
+                    let p = &puts[i];
+                    out[i] = Some(outcome_of(row, &p.key, &p.value, now, expiry(p))?);
+                }
+                Ok(out.into_iter().flatten().collect())
             })
         })
         .await
     }
+}
 
-    /// `(live keys, writes_total)`.
-    pub async fn stats(&self) -> Result<(u64, u64), DbError> {
-        let now = time::now_micros();
-        self.run("stats", |mut conn: Conn| Box::pin(async move {
-                let row: Option<(u64, u64)> = conn
-                    .exec_first(
-                        "SELECT (SELECT COUNT(*) FROM kv_entries \
-                                 WHERE expires_at IS NULL OR expires_at > ?), \
-                                CAST((SELECT COALESCE(SUM(n), 0) FROM kv_write_counter) AS UNSIGNED)",
-                        (time::to_sql(now),),
-                    )
-                    .await?;
-                Ok(row.unwrap_or((0, 0)))
-        }))
-        .await
-    }
-
-    /// Deletes expired entries (in batches) and change-log rows older than `keep_changes`.
-    pub async fn purge(&self, keep_changes: Duration) -> Result<u64, DbError> {
-        let mut purged = 0;
-        for _ in 0..100 {
-            let now = time::now_micros();
-            let n = self
-                .run("purge", |mut conn: Conn| {
-                    Box::pin(async move {
-                        conn.exec_drop(
-                            "DELETE FROM kv_entries WHERE expires_at <= ? LIMIT 1000",
-                            (time::to_sql(now),),
-                        )
-                        .await?;
-                        Ok(conn.affected_rows())
-                    })
-                })
-                .await?;
-            purged += n;
-            if n < 1000 {
-                break;
-            }
-        }
-        let cutoff = time::now_micros() - keep_changes.as_micros() as i64;
-        self.run("purge", |mut conn: Conn| {
-            Box::pin(async move {
-                conn.exec_drop(
-                    "DELETE FROM kv_changes WHERE changed_at < ? LIMIT 10000",
-                    (time::to_sql(cutoff),),
-                )
-                .await
-            })
-        })
-        .await?;
-        Ok(purged)
-    }
-
-    /// The newest change-log id (where a new poller starts).
-    pub async fn last_change_id(&self) -> Result<u64, DbError> {
-        self.run("poll", |mut conn: Conn| {
-            Box::pin(async move {
-                let id: Option<Option<u64>> =
-                    conn.query_first("SELECT MAX(id) FROM kv_changes").await?;
-                Ok(id.flatten().unwrap_or(0))
-            })
-        })
-        .await
-    }
-
-    /// Change-log rows after `after`, plus any of the `gaps` ids that have committed since.
-    pub async fn changes_since(&self, after: u64, gaps: &[u64]) -> Result<Vec<Change>, DbError> {
-        let mut sql = String::from("SELECT id, k, origin FROM kv_changes WHERE id > ?");
-        let mut params = vec![Value::UInt(after)];
-        if !gaps.is_empty() {
-            sql.push_str(" OR id IN (");
-            for (i, g) in gaps.iter().enumerate() {
-                sql.push_str(if i == 0 { "?" } else { ", ?" });
-                params.push(Value::UInt(*g));
-            }
-            sql.push(')');
-        }
-        sql.push_str(" ORDER BY id LIMIT 10000");
-        let (sql, params) = (sql.as_str(), &params);
-        self.run("poll", |mut conn: Conn| {
-            Box::pin(async move {
-                let rows: Vec<(u64, Vec<u8>, u64)> = conn.exec(sql, params.clone()).await?;
-                Ok(rows
-                    .into_iter()
-                    .map(|(id, k, origin)| Change {
-                        id,
-                        key: String::from_utf8_lossy(&k).into_owned(),
-                        origin,
-                    })
-                    .collect())
-            })
-        })
-        .await
-    }
+/// The outcome of a write from its read-back row `(version, rev, created_at)`.
+fn outcome_of(
+    row: Row,
+    key: &str,
+    value: &str,
+    now: Micros,
+    expires_at: Option<Micros>,
+) -> Result<WriteOutcome, mysql_async::Error> {
+    let bad = || mysql_async::Error::Other("the upsert read back no entry".into());
+    let (version, rev, created): (u64, u64, Value) =
+        mysql_async::from_row_opt(row).map_err(|_| bad())?;
+    let entry = Entry {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        version,
+        rev,
+        created_at: time::from_sql(&created).ok_or_else(bad)?,
+        updated_at: now,
+        expires_at,
+    };
+    // An expired row is replaced at version 1: to the client it is a create.
+    Ok(if version == 1 {
+        WriteOutcome::Created(entry)
+    } else {
+        WriteOutcome::Replaced(entry)
+    })
 }
 
 /// The locked row of a conditional write.
