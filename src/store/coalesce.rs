@@ -157,14 +157,18 @@ mod tests {
         let batches = Arc::new(AtomicUsize::new(0));
         let largest = Arc::new(AtomicUsize::new(0));
         let (b, l) = (batches.clone(), largest.clone());
-        let c = Arc::new(Coalescer::spawn(limits(2, 16), |_| 1, move |items: Vec<u32>| {
-            b.fetch_add(1, Ordering::SeqCst);
-            l.fetch_max(items.len(), Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                Ok(items.into_iter().map(|i| i * 10).collect())
-            }
-        }));
+        let c = Arc::new(Coalescer::spawn(
+            limits(2, 16),
+            |_| 1,
+            move |items: Vec<u32>| {
+                b.fetch_add(1, Ordering::SeqCst);
+                l.fetch_max(items.len(), Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok(items.into_iter().map(|i| i * 10).collect())
+                }
+            },
+        ));
         let tasks: Vec<_> = (0..200u32)
             .map(|i| {
                 let c = c.clone();
@@ -188,20 +192,24 @@ mod tests {
             max_weight: 3,
             ..limits(1, 100)
         };
-        let c = Arc::new(Coalescer::spawn(lim, |_| 1, move |items: Vec<usize>| {
-            l.fetch_max(items.len(), Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-                if items.contains(&0) {
-                    Err(DbError::Server {
-                        code: 1213,
-                        message: "deadlock".into(),
-                    })
-                } else {
-                    Ok(items)
+        let c = Arc::new(Coalescer::spawn(
+            lim,
+            |_| 1,
+            move |items: Vec<usize>| {
+                l.fetch_max(items.len(), Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    if items.contains(&0) {
+                        Err(DbError::Server {
+                            code: 1213,
+                            message: "deadlock".into(),
+                        })
+                    } else {
+                        Ok(items)
+                    }
                 }
-            }
-        }));
+            },
+        ));
         let tasks: Vec<_> = (0..50usize)
             .map(|i| {
                 let c = c.clone();
@@ -218,7 +226,10 @@ mod tests {
                 }
             }
         }
-        assert!(failed >= 25, "every batch with a 0 in it failed as a whole ({failed})");
+        assert!(
+            failed >= 25,
+            "every batch with a 0 in it failed as a whole ({failed})"
+        );
         assert!(largest.load(Ordering::SeqCst) <= 3, "weight 3 ends a batch");
     }
 
@@ -230,13 +241,17 @@ mod tests {
             max_wait: Duration::from_millis(20),
             ..limits(1, 1)
         };
-        let c = Arc::new(Coalescer::spawn(lim, |_| 1, move |items: Vec<u64>| {
-            r.fetch_add(items.len(), Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_millis(items[0])).await;
-                Ok(items)
-            }
-        }));
+        let c = Arc::new(Coalescer::spawn(
+            lim,
+            |_| 1,
+            move |items: Vec<u64>| {
+                r.fetch_add(items.len(), Ordering::SeqCst);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(items[0])).await;
+                    Ok(items)
+                }
+            },
+        ));
         let slow = tokio::spawn({
             let c = c.clone();
             async move { c.submit(100).await }

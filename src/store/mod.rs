@@ -184,24 +184,22 @@ impl Store {
     /// Starts the coalescing workers: needs a Tokio runtime.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Store {
         metrics.db_pool_max.set(config.db_pool_max as i64);
-        let db = Arc::new(Db {
-            pool: Pool::new(config.database.opts().clone()),
-            side_pool: Pool::new(
-                mysql_async::OptsBuilder::from_opts(config.database.opts().clone()).pool_opts(
-                    config
-                        .database
-                        .opts()
-                        .pool_opts()
-                        .clone()
-                        .with_constraints(mysql_async::PoolConstraints::new(1, 2).expect("1 <= 2")),
+        let db =
+            Arc::new(Db {
+                pool: Pool::new(config.database.opts().clone()),
+                side_pool: Pool::new(
+                    mysql_async::OptsBuilder::from_opts(config.database.opts().clone()).pool_opts(
+                        config.database.opts().pool_opts().clone().with_constraints(
+                            mysql_async::PoolConstraints::new(1, 2).expect("1 <= 2"),
+                        ),
+                    ),
                 ),
-            ),
-            metrics,
-            acquire_timeout: config.db_acquire_timeout,
-            query_timeout: config.db_query_timeout,
-            connect_timeout: config.db_connect_timeout,
-            origin: uuid::Uuid::new_v4().as_u64_pair().0 >> 1,
-        });
+                metrics,
+                acquire_timeout: config.db_acquire_timeout,
+                query_timeout: config.db_query_timeout,
+                connect_timeout: config.db_connect_timeout,
+                origin: uuid::Uuid::new_v4().as_u64_pair().0 >> 1,
+            });
         // A quarter of the pool each for coalesced reads and writes: the rest stays free for
         // listing, deletes, conditional writes and stats.
         let limits = coalesce::Limits {
@@ -211,10 +209,14 @@ impl Store {
             max_wait: config.db_acquire_timeout,
         };
         let d = db.clone();
-        let reads = Coalescer::spawn(limits, |_| 1, move |keys: Vec<String>| {
-            let d = d.clone();
-            async move { d.get_many(keys).await }
-        });
+        let reads = Coalescer::spawn(
+            limits,
+            |_| 1,
+            move |keys: Vec<String>| {
+                let d = d.clone();
+                async move { d.get_many(keys).await }
+            },
+        );
         let d = db.clone();
         let writes = Coalescer::spawn(
             coalesce::Limits {
@@ -266,7 +268,10 @@ impl Store {
     /// Applies pending migrations under a named lock (see `migrations`).
     pub async fn migrate(&self) -> Result<Vec<u32>, DbError> {
         let _timer = self.db.metrics.db_timer("migrate");
-        let mut conn = self.db.acquire(&self.db.pool, self.db.connect_timeout).await?;
+        let mut conn = self
+            .db
+            .acquire(&self.db.pool, self.db.connect_timeout)
+            .await?;
         migrations::apply(&mut conn).await.map_err(DbError::from)
     }
 
@@ -306,13 +311,14 @@ impl Store {
         params.push(time::to_sql(now));
         params.push(Value::UInt(limit as u64));
         let (sql, params) = (sql.as_str(), &params);
-        self.db.run("list", |mut conn: Conn| {
-            Box::pin(async move {
-                let rows: Vec<Row> = conn.exec(sql, params.clone()).await?;
-                rows.into_iter().map(entry_from_row).collect()
+        self.db
+            .run("list", |mut conn: Conn| {
+                Box::pin(async move {
+                    let rows: Vec<Row> = conn.exec(sql, params.clone()).await?;
+                    rows.into_iter().map(entry_from_row).collect()
+                })
             })
-        })
-        .await
+            .await
     }
 
     /// Upsert in one transaction: log the change, write the entry, count the write, read back
@@ -342,40 +348,41 @@ impl Store {
     /// it (two round trips).
     pub async fn delete(&self, key: &str, pre: &Precondition) -> Result<WriteOutcome, DbError> {
         let origin = self.db.origin;
-        self.db.run("delete", |conn: Conn| {
-            Box::pin(async move {
-                let now = time::now_micros();
-                let mut tx = ServerTx::new(conn);
-                let Some(current) = lock_row(&mut tx, key, now).await? else {
-                    tx.rollback().await;
-                    return Ok(if pre.allows(None) {
-                        WriteOutcome::NotFound
-                    } else {
-                        WriteOutcome::PreconditionFailed
-                    });
-                };
-                if !pre.allows(current.live_rev) {
-                    tx.rollback().await;
-                    return Ok(WriteOutcome::PreconditionFailed);
-                }
-                let mut sql = Sql::with_capacity(300 + 4 * key.len());
-                log_change(&mut sql, key, origin, now);
-                sql.raw(";\nSELECT LAST_INSERT_ID();\nDELETE FROM kv_entries WHERE k = ")
-                    .bytes(key.as_bytes())
-                    .raw(";\nCOMMIT");
-                let row = tx.batch(sql.into_string()).await?.into_iter().next();
-                tx.finish();
-                let rev = row
-                    .and_then(|mut r| r.take::<u64, _>(0))
-                    .ok_or_else(|| mysql_async::Error::Other("no id for the change".into()))?;
-                // An expired row is removed too, but to the client it was already gone.
-                Ok(match current.live_rev {
-                    Some(_) => WriteOutcome::Deleted { rev },
-                    None => WriteOutcome::NotFound,
+        self.db
+            .run("delete", |conn: Conn| {
+                Box::pin(async move {
+                    let now = time::now_micros();
+                    let mut tx = ServerTx::new(conn);
+                    let Some(current) = lock_row(&mut tx, key, now).await? else {
+                        tx.rollback().await;
+                        return Ok(if pre.allows(None) {
+                            WriteOutcome::NotFound
+                        } else {
+                            WriteOutcome::PreconditionFailed
+                        });
+                    };
+                    if !pre.allows(current.live_rev) {
+                        tx.rollback().await;
+                        return Ok(WriteOutcome::PreconditionFailed);
+                    }
+                    let mut sql = Sql::with_capacity(300 + 4 * key.len());
+                    log_change(&mut sql, key, origin, now);
+                    sql.raw(";\nSELECT LAST_INSERT_ID();\nDELETE FROM kv_entries WHERE k = ")
+                        .bytes(key.as_bytes())
+                        .raw(";\nCOMMIT");
+                    let row = tx.batch(sql.into_string()).await?.into_iter().next();
+                    tx.finish();
+                    let rev = row
+                        .and_then(|mut r| r.take::<u64, _>(0))
+                        .ok_or_else(|| mysql_async::Error::Other("no id for the change".into()))?;
+                    // An expired row is removed too, but to the client it was already gone.
+                    Ok(match current.live_rev {
+                        Some(_) => WriteOutcome::Deleted { rev },
+                        None => WriteOutcome::NotFound,
+                    })
                 })
             })
-        })
-        .await
+            .await
     }
 
     /// `(live keys, writes_total)`.
@@ -419,29 +426,31 @@ impl Store {
             }
         }
         let cutoff = time::now_micros() - keep_changes.as_micros() as i64;
-        self.db.run("purge", |mut conn: Conn| {
-            Box::pin(async move {
-                conn.exec_drop(
-                    "DELETE FROM kv_changes WHERE changed_at < ? LIMIT 10000",
-                    (time::to_sql(cutoff),),
-                )
-                .await
+        self.db
+            .run("purge", |mut conn: Conn| {
+                Box::pin(async move {
+                    conn.exec_drop(
+                        "DELETE FROM kv_changes WHERE changed_at < ? LIMIT 10000",
+                        (time::to_sql(cutoff),),
+                    )
+                    .await
+                })
             })
-        })
-        .await?;
+            .await?;
         Ok(purged)
     }
 
     /// The newest change-log id (where a new poller starts).
     pub async fn last_change_id(&self) -> Result<u64, DbError> {
-        self.db.run("poll", |mut conn: Conn| {
-            Box::pin(async move {
-                let id: Option<Option<u64>> =
-                    conn.query_first("SELECT MAX(id) FROM kv_changes").await?;
-                Ok(id.flatten().unwrap_or(0))
+        self.db
+            .run("poll", |mut conn: Conn| {
+                Box::pin(async move {
+                    let id: Option<Option<u64>> =
+                        conn.query_first("SELECT MAX(id) FROM kv_changes").await?;
+                    Ok(id.flatten().unwrap_or(0))
+                })
             })
-        })
-        .await
+            .await
     }
 
     /// Change-log rows after `after`, plus any of the `gaps` ids that have committed since.
@@ -458,20 +467,21 @@ impl Store {
         }
         sql.push_str(" ORDER BY id LIMIT 10000");
         let (sql, params) = (sql.as_str(), &params);
-        self.db.run("poll", |mut conn: Conn| {
-            Box::pin(async move {
-                let rows: Vec<(u64, Vec<u8>, u64)> = conn.exec(sql, params.clone()).await?;
-                Ok(rows
-                    .into_iter()
-                    .map(|(id, k, origin)| Change {
-                        id,
-                        key: String::from_utf8_lossy(&k).into_owned(),
-                        origin,
-                    })
-                    .collect())
+        self.db
+            .run("poll", |mut conn: Conn| {
+                Box::pin(async move {
+                    let rows: Vec<(u64, Vec<u8>, u64)> = conn.exec(sql, params.clone()).await?;
+                    Ok(rows
+                        .into_iter()
+                        .map(|(id, k, origin)| Change {
+                            id,
+                            key: String::from_utf8_lossy(&k).into_owned(),
+                            origin,
+                        })
+                        .collect())
+                })
             })
-        })
-        .await
+            .await
     }
 }
 

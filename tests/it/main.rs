@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod batch;
 mod cache;
+mod coalescing;
 mod conditional;
 mod consistency;
 mod listing;
