@@ -30,11 +30,6 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_put_procedure.sql",
         sql: include_str!("../../sql/0003_put_procedure.sql"),
     },
-    Migration {
-        version: 4,
-        name: "0004_put_row_procedure.sql",
-        sql: include_str!("../../sql/0004_put_row_procedure.sql"),
-    },
 ];
 
 /// How long a starting replica waits for another one that is migrating.

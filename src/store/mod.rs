@@ -9,6 +9,7 @@ pub mod coalesce;
 pub mod migrations;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -166,6 +167,8 @@ struct Db {
     connect_timeout: Duration,
     /// This process's id in the change log, so it can skip its own changes.
     origin: u64,
+    /// The last timestamp a batched write used (`unique_now`).
+    batch_clock: AtomicI64,
 }
 
 /// A plain write waiting to be coalesced.
@@ -199,6 +202,7 @@ impl Store {
                 query_timeout: config.db_query_timeout,
                 connect_timeout: config.db_connect_timeout,
                 origin: uuid::Uuid::new_v4().as_u64_pair().0 >> 1,
+                batch_clock: AtomicI64::new(0),
             });
         // A quarter of the pool each for coalesced reads and writes: the rest stays free for
         // listing, deletes, conditional writes and stats.
@@ -625,17 +629,26 @@ impl Db {
                     .next();
                 tx.finish();
                 let bad = || mysql_async::Error::Other("the upsert read back no entry".into());
-                outcome_of(row.ok_or_else(bad)?, key, value, now, expires_at)
+                let read_back =
+                    mysql_async::from_row_opt(row.ok_or_else(bad)?).map_err(|_| bad())?;
+                outcome_of(read_back, key, value, now, expires_at)
             })
         })
         .await
     }
 
-    /// Plain writes in one transaction and one round trip: a text batch of `kv_put_row`
-    /// calls (sql/0004_put_row_procedure.sql), in key order (so concurrent batches lock rows
-    /// in the same order), then one counter bump by the number of writes, then COMMIT. A key
-    /// written twice in one batch gets two versions, in queue order. Results in the order of
-    /// `puts`.
+    /// Plain writes in one transaction, with multi-row statements: per round, one round trip
+    /// logs the changes (`INSERT INTO kv_changes … VALUES (…), (…)`) and reads back their ids,
+    /// the write's revisions; a second writes the entries (`INSERT … ON DUPLICATE KEY
+    /// UPDATE`, rows in key order, so concurrent batches lock rows in the same order), reads
+    /// back their versions and, after the last round, bumps one counter row by the number of
+    /// writes and commits. The n-th write of a key in the batch goes in round n, so a key
+    /// written twice gets two versions, in queue order. Results in the order of `puts`.
+    ///
+    /// The ids are read back, not computed from `LAST_INSERT_ID()`: MySQL 8's default
+    /// `innodb_autoinc_lock_mode = 2` does not promise consecutive ids to a multi-row insert.
+    /// The read is non-locking, and the rows are told apart by this instance's `origin` and a
+    /// `changed_at` no other batch of this instance has (`unique_now`).
     async fn put_many(&self, puts: Vec<Put>) -> Result<Vec<WriteOutcome>, DbError> {
         self.metrics.db_batch_size("upsert", puts.len());
         if let [p] = puts.as_slice() {
@@ -644,67 +657,202 @@ impl Db {
                     .await?,
             ]);
         }
-        let mut order: Vec<usize> = (0..puts.len()).collect();
-        order.sort_by(|&a, &b| puts[a].key.cmp(&puts[b].key));
-        let (origin, order, puts) = (self.origin, &order, &puts);
+        let mut rounds: Vec<Vec<usize>> = Vec::new();
+        let mut seen: HashMap<&str, usize> = HashMap::with_capacity(puts.len());
+        for (i, p) in puts.iter().enumerate() {
+            let r = seen.entry(p.key.as_str()).or_insert(0);
+            if rounds.len() <= *r {
+                rounds.push(Vec::new());
+            }
+            rounds[*r].push(i);
+            *r += 1;
+        }
+        for round in &mut rounds {
+            round.sort_by(|&a, &b| puts[a].key.cmp(&puts[b].key));
+        }
+        let (rounds, puts) = (&rounds, &puts);
         self.run("upsert", |conn: Conn| {
             Box::pin(async move {
-                let now = time::now_micros();
-                let expiry = |p: &Put| p.ttl_seconds.map(|t| now + i64::from(t) * 1_000_000);
-                let bytes: usize = puts.iter().map(|p| p.key.len() + p.value.len()).sum();
-                let mut sql = Sql::with_capacity(2 * bytes + 160 * puts.len() + 200);
-                sql.raw("START TRANSACTION");
-                for &i in order {
-                    let p = &puts[i];
-                    sql.raw(";\nCALL kv_put_row(")
-                        .bytes(p.key.as_bytes())
-                        .raw(", ")
-                        .bytes(p.value.as_bytes())
-                        .raw(", ")
-                        .uint(origin)
-                        .raw(", ")
-                        .datetime(Some(now))
-                        .raw(", ")
-                        .datetime(expiry(p))
-                        .raw(")");
-                }
-                let slot = uuid::Uuid::new_v4().as_u64_pair().0 % COUNTER_SLOTS;
-                sql.raw(";\nUPDATE kv_write_counter SET n = n + ")
-                    .uint(puts.len() as u64)
-                    .raw(" WHERE slot = ")
-                    .uint(slot)
-                    .raw(";\nCOMMIT");
+                let first_now = self.unique_now(rounds.len());
                 let mut tx = ServerTx::new(conn);
-                let rows = tx.batch(sql.into_string()).await?;
-                tx.finish();
-                if rows.len() != puts.len() {
-                    return Err(mysql_async::Error::Other(
-                        format!("{} writes read back {} rows", puts.len(), rows.len()).into(),
-                    ));
-                }
                 let mut out: Vec<Option<WriteOutcome>> = (0..puts.len()).map(|_| None).collect();
-                for (&i, row) in order.iter().zip(rows) {
-                    let p = &puts[i];
-                    out[i] = Some(outcome_of(row, &p.key, &p.value, now, expiry(p))?);
+                for (r, round) in rounds.iter().enumerate() {
+                    let now = first_now + r as Micros;
+                    let revs = log_changes(&mut tx, r == 0, round, puts, self.origin, now).await?;
+                    let last = r + 1 == rounds.len();
+                    let mut rows = write_entries(&mut tx, round, puts, &revs, now, last).await?;
+                    for &i in round {
+                        let p = &puts[i];
+                        let read_back = rows.remove(p.key.as_bytes()).ok_or_else(|| {
+                            mysql_async::Error::Other("a batched write read back no entry".into())
+                        })?;
+                        out[i] = Some(outcome_of(read_back, &p.key, &p.value, now, p.expiry(now))?);
+                    }
                 }
+                tx.finish();
                 Ok(out.into_iter().flatten().collect())
             })
         })
         .await
     }
+
+    /// A timestamp no other batch of this instance has had, and the `n - 1` microseconds
+    /// after it (the clock, or just after the last one handed out).
+    fn unique_now(&self, n: usize) -> Micros {
+        let now = time::now_micros();
+        let mut start = now;
+        let _ = self
+            .batch_clock
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+                start = now.max(last + 1);
+                Some(start + n as Micros - 1)
+            });
+        start
+    }
 }
 
-/// The outcome of a write from its read-back row `(version, rev, created_at)`.
+impl Put {
+    fn expiry(&self, now: Micros) -> Option<Micros> {
+        self.ttl_seconds.map(|t| now + i64::from(t) * 1_000_000)
+    }
+}
+
+/// Round trip 1 of a batched write: begins the transaction (`begin`), logs one change per
+/// write of `round` and returns their ids by key.
+async fn log_changes(
+    tx: &mut ServerTx,
+    begin: bool,
+    round: &[usize],
+    puts: &[Put],
+    origin: u64,
+    now: Micros,
+) -> Result<HashMap<Vec<u8>, u64>, mysql_async::Error> {
+    let mut sql = Sql::with_capacity(
+        200 + round
+            .iter()
+            .map(|&i| 2 * puts[i].key.len() + 60)
+            .sum::<usize>(),
+    );
+    if begin {
+        sql.raw("START TRANSACTION;\n");
+    }
+    sql.raw("INSERT INTO kv_changes (k, origin, changed_at) VALUES ");
+    for (n, &i) in round.iter().enumerate() {
+        sql.raw(if n == 0 { "(" } else { ", (" })
+            .bytes(puts[i].key.as_bytes())
+            .raw(", ")
+            .uint(origin)
+            .raw(", ")
+            .datetime(Some(now))
+            .raw(")");
+    }
+    sql.raw(";\nSELECT k, id FROM kv_changes WHERE id >= LAST_INSERT_ID() AND origin = ")
+        .uint(origin)
+        .raw(" AND changed_at = ")
+        .datetime(Some(now));
+    let rows = tx.batch(sql.into_string()).await?;
+    let revs: HashMap<Vec<u8>, u64> = rows
+        .into_iter()
+        .filter_map(|mut row| Some((row.take::<Vec<u8>, _>(0)?, row.take::<u64, _>(1)?)))
+        .collect();
+    if revs.len() != round.len() {
+        return Err(mysql_async::Error::Other(
+            format!(
+                "{} changes logged, {} ids read back",
+                round.len(),
+                revs.len()
+            )
+            .into(),
+        ));
+    }
+    Ok(revs)
+}
+
+/// Round trip 2 of a batched write: writes the entries of `round` with their revisions and
+/// returns their `(version, rev, created_at)` rows by key; after the last round also counts
+/// the writes and commits.
+async fn write_entries(
+    tx: &mut ServerTx,
+    round: &[usize],
+    puts: &[Put],
+    revs: &HashMap<Vec<u8>, u64>,
+    now: Micros,
+    last: bool,
+) -> Result<HashMap<Vec<u8>, ReadBack>, mysql_async::Error> {
+    let bytes: usize = round
+        .iter()
+        .map(|&i| 4 * puts[i].key.len() + 2 * puts[i].value.len())
+        .sum();
+    let mut sql = Sql::with_capacity(bytes + 120 * round.len() + 800);
+    sql.raw(
+        "INSERT INTO kv_entries (k, v, version, rev, created_at, updated_at, expires_at) VALUES ",
+    );
+    for (n, &i) in round.iter().enumerate() {
+        let p = &puts[i];
+        sql.raw(if n == 0 { "(" } else { ", (" })
+            .bytes(p.key.as_bytes())
+            .raw(", ")
+            .bytes(p.value.as_bytes())
+            .raw(", 1, ")
+            .uint(revs[p.key.as_bytes()])
+            .raw(", ")
+            .datetime(Some(now))
+            .raw(", ")
+            .datetime(Some(now))
+            .raw(", ")
+            .datetime(p.expiry(now))
+            .raw(")");
+    }
+    // As in kv_put (sql/0003): version + 1 over a live row, 1 over none or an expired one.
+    // Assignments run left to right: the IFs read the old expires_at.
+    sql.raw(
+        " ON DUPLICATE KEY UPDATE \
+         version = IF(expires_at IS NULL OR expires_at > VALUES(updated_at), version + 1, 1), \
+         created_at = IF(expires_at IS NULL OR expires_at > VALUES(updated_at), created_at, \
+         VALUES(created_at)), v = VALUES(v), rev = VALUES(rev), \
+         updated_at = VALUES(updated_at), expires_at = VALUES(expires_at);\n\
+         SELECT k, version, rev, created_at FROM kv_entries WHERE k IN (",
+    );
+    for (n, &i) in round.iter().enumerate() {
+        if n > 0 {
+            sql.raw(", ");
+        }
+        sql.bytes(puts[i].key.as_bytes());
+    }
+    sql.raw(")");
+    if last {
+        let slot = uuid::Uuid::new_v4().as_u64_pair().0 % COUNTER_SLOTS;
+        let writes: usize = puts.len();
+        sql.raw(";\nUPDATE kv_write_counter SET n = n + ")
+            .uint(writes as u64)
+            .raw(" WHERE slot = ")
+            .uint(slot)
+            .raw(";\nCOMMIT");
+    }
+    let rows = tx.batch(sql.into_string()).await?;
+    rows.into_iter()
+        .map(|row| {
+            let (k, version, rev, created): (Vec<u8>, u64, u64, Value) =
+                mysql_async::from_row_opt(row).map_err(|_| {
+                    mysql_async::Error::Other("a batched write read back a bad row".into())
+                })?;
+            Ok((k, (version, rev, created)))
+        })
+        .collect()
+}
+
+/// What a write reads back: `(version, rev, created_at)`.
+type ReadBack = (u64, u64, Value);
+
+/// The outcome of a write from what it read back.
 fn outcome_of(
-    row: Row,
+    (version, rev, created): ReadBack,
     key: &str,
     value: &str,
     now: Micros,
     expires_at: Option<Micros>,
 ) -> Result<WriteOutcome, mysql_async::Error> {
     let bad = || mysql_async::Error::Other("the upsert read back no entry".into());
-    let (version, rev, created): (u64, u64, Value) =
-        mysql_async::from_row_opt(row).map_err(|_| bad())?;
     let entry = Entry {
         key: key.to_owned(),
         value: value.to_owned(),
