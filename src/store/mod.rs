@@ -144,8 +144,8 @@ pub struct Change {
 ///
 /// Point reads and plain (unconditional) writes are coalesced (see [`coalesce`]): requests
 /// that arrive while earlier ones are at the database go together, as one `SELECT … IN (…)` or
-/// one transaction of several `kv_put_row` calls, which is what lets MySQL keep up with many
-/// concurrent clients. Everything else runs one operation per connection.
+/// one transaction of multi-row statements ([`Db::put_many`]), which is what lets MySQL keep
+/// up with many concurrent clients. Everything else runs one operation per connection.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Db>,
