@@ -62,19 +62,20 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
                     let (items, replies): (Vec<T>, Vec<_>) =
                         jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
                     let n = items.len();
-                    match run(items).await {
-                        Ok(results) if results.len() == n => {
-                            for (reply, r) in replies.into_iter().zip(results) {
-                                let _ = reply.send(Ok(r));
-                            }
-                        }
-                        Ok(results) => {
-                            let e = DbError::Other(format!(
+                    let results = run(items).await.and_then(|results| {
+                        if results.len() == n {
+                            Ok(results)
+                        } else {
+                            Err(DbError::Other(format!(
                                 "a batch of {n} returned {} results",
                                 results.len()
-                            ));
-                            for reply in replies {
-                                let _ = reply.send(Err(e.clone()));
+                            )))
+                        }
+                    });
+                    match results {
+                        Ok(results) => {
+                            for (reply, r) in replies.into_iter().zip(results) {
+                                let _ = reply.send(Ok(r));
                             }
                         }
                         Err(e) => {

@@ -602,7 +602,7 @@ impl Db {
         self.run("upsert", |conn: Conn| {
             Box::pin(async move {
                 let now = time::now_micros();
-                let expires_at = ttl_seconds.map(|t| now + i64::from(t) * 1_000_000);
+                let expires_at = expiry(now, ttl_seconds);
                 let mut tx = ServerTx::new(conn);
                 let conditional = *pre != Precondition::NONE;
                 if conditional {
@@ -713,8 +713,13 @@ impl Db {
 
 impl Put {
     fn expiry(&self, now: Micros) -> Option<Micros> {
-        self.ttl_seconds.map(|t| now + i64::from(t) * 1_000_000)
+        expiry(now, self.ttl_seconds)
     }
+}
+
+/// When an entry written at `now` with `ttl_seconds` expires.
+fn expiry(now: Micros, ttl_seconds: Option<u32>) -> Option<Micros> {
+    ttl_seconds.map(|t| now + i64::from(t) * 1_000_000)
 }
 
 /// Round trip 1 of a batched write: begins the transaction (`begin`), logs one change per
@@ -822,9 +827,8 @@ async fn write_entries(
     sql.raw(")");
     if last {
         let slot = uuid::Uuid::new_v4().as_u64_pair().0 % COUNTER_SLOTS;
-        let writes: usize = puts.len();
         sql.raw(";\nUPDATE kv_write_counter SET n = n + ")
-            .uint(writes as u64)
+            .uint(puts.len() as u64)
             .raw(" WHERE slot = ")
             .uint(slot)
             .raw(";\nCOMMIT");
