@@ -225,6 +225,18 @@ impl Cache {
                 }
             }
         }
+        // Boxed: the load is a large state machine, and every future that awaits this one
+        // would otherwise carry (and move) its size on the hit path too.
+        Box::pin(self.load(key, bypass, store)).await
+    }
+
+    /// The miss path of [`Cache::get`]: one load per key at a time.
+    async fn load(
+        &self,
+        key: &str,
+        bypass: bool,
+        store: &Store,
+    ) -> Result<(Option<Arc<CachedEntry>>, Source), DbError> {
         let started = Instant::now();
         let mut loaded: Option<Option<Arc<CachedEntry>>> = None;
         let mut failed: Option<DbError> = None;

@@ -74,14 +74,19 @@ where
         let key = key_from_path(path)?;
         match req.method {
             Method::GET | Method::HEAD => get(state, &req, &key).await,
+            // Writes are boxed: their state machines are large, and a cached GET would
+            // otherwise carry (and copy) their size.
             Method::PUT => {
-                auth::check_write(&state.config, &req)?;
-                req.query_params(&[])?;
-                let raw = read_body(body, &req.headers, state).await?;
-                let parsed: PutBody = parse_json(&raw)?;
-                write(state, &req, key, parsed.value, parsed.ttl_seconds).await
+                Box::pin(async {
+                    auth::check_write(&state.config, &req)?;
+                    req.query_params(&[])?;
+                    let raw = read_body(body, &req.headers, state).await?;
+                    let parsed: PutBody = parse_json(&raw)?;
+                    write(state, &req, key, parsed.value, parsed.ttl_seconds).await
+                })
+                .await
             }
-            Method::DELETE => delete(state, &req, &key).await,
+            Method::DELETE => Box::pin(delete(state, &req, &key)).await,
             _ => Err(not_allowed(&req, ALLOW_KEY)),
         }
     }

@@ -11,6 +11,7 @@ pub mod keys;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -162,23 +163,26 @@ pub fn json_response(status: warp::http::StatusCode, body: impl Into<bytes::Byte
     resp
 }
 
+tokio::task_local! {
+    /// The request as handlers see it, from [`handle`] to the route that matched: warp's own
+    /// filters could only clone the headers (≈ 1 000 instructions a request).
+    static REQ: std::cell::RefCell<Option<Req>>;
+}
+
+/// The route's `Req`, moved out of the envelope's task-local. Exactly one route takes it:
+/// each route's path filters come first and nothing after `with_req` rejects. (Were it taken
+/// twice, the second would see no headers, and so no credentials: it fails closed.)
 fn with_req() -> impl Filter<Extract = (Req,), Error = Infallible> + Clone {
-    warp::method()
-        .and(warp::header::headers_cloned())
-        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .map(|method: Method, headers: HeaderMap, query: String| {
-            let id = headers
-                .get(&REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            Req {
-                method,
-                headers,
-                query,
-                id,
-            }
+    warp::any().map(|| {
+        let taken = REQ.try_with(|r| r.borrow_mut().take()).ok().flatten();
+        debug_assert!(taken.is_some(), "the request was taken twice");
+        taken.unwrap_or_else(|| Req {
+            method: Method::GET,
+            headers: HeaderMap::new(),
+            query: String::new(),
+            id: String::new(),
         })
+    })
 }
 
 /// All routes of the API port.
@@ -264,16 +268,29 @@ where
 {
     let start = Instant::now();
     let id = request_id(req.headers());
-    req.headers_mut().insert(REQUEST_ID.clone(), id.clone());
     let method = metrics::method_label(req.method());
     let route = route_of(req.uri().path());
     let _in_flight = metrics::GaugeGuard::hold(&state.metrics.http_in_flight);
+    // The head goes to the handlers through `REQ`; warp routes on method and URI alone.
+    let head = Req {
+        method: req.method().clone(),
+        headers: std::mem::take(req.headers_mut()),
+        query: req.uri().query().unwrap_or_default().to_owned(),
+        id: id.to_str().unwrap_or_default().to_owned(),
+    };
 
     let budget = state.config.request_timeout
         + state.config.db_acquire_timeout
         + state.config.db_query_timeout;
     let mut svc = svc.clone();
-    let mut resp = match tokio::time::timeout(budget, svc.call(req)).await {
+    let mut routed = std::pin::pin!(REQ.scope(std::cell::RefCell::new(Some(head)), svc.call(req)));
+    // Most requests (cache hits, refusals) are answered by the first poll: they need no timer.
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(routed.as_mut().poll(cx))).await;
+    let answered = match first {
+        std::task::Poll::Ready(r) => Ok(r),
+        std::task::Poll::Pending => tokio::time::timeout(budget, routed).await,
+    };
+    let mut resp = match answered {
         Ok(Ok(resp)) => resp,
         Ok(Err(never)) => match never {},
         Err(_) => ApiError::Unavailable("the request took too long; retry shortly".into())
@@ -285,7 +302,7 @@ where
     state.metrics.observe_http(method, route, status, elapsed);
     if state.config.access_log {
         let bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-        slog::info!(state.log, "request";
+        slog::info!(state.log, #crate::logging::ACCESS_TAG, "request";
             "request_id" => id.to_str().unwrap_or_default(),
             "method" => method,
             "route" => route,
