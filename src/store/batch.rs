@@ -1,6 +1,6 @@
 //! Transactions in few round trips: a multi-statement text batch (`START TRANSACTION;
 //! SELECT … FOR UPDATE`) or a stored procedure that begins and commits its own transaction
-//! (`CALL kv_put(…)`, sql/0003_put_procedure.sql) instead of one round trip per statement.
+//! (`CALL kv_put_v2(…)`, sql/0004_put_lock_first.sql) instead of one round trip per statement.
 //!
 //! Client data never reaches the SQL as text: keys and values go in as hexadecimal literals
 //! (`X'6b6579'`), which mean the same bytes whatever the connection's character set or

@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_put_procedure.sql",
         sql: include_str!("../../sql/0003_put_procedure.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_put_lock_first.sql",
+        sql: include_str!("../../sql/0004_put_lock_first.sql"),
+    },
 ];
 
 /// How long a starting replica waits for another one that is migrating.

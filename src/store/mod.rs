@@ -178,7 +178,7 @@ struct Put {
     ttl_seconds: Option<u32>,
 }
 
-/// Values larger than this are written on their own, as a prepared `CALL kv_put` (a batch
+/// Values larger than this are written on their own, as a prepared `CALL kv_put_v2` (a batch
 /// carries values as hexadecimal text, twice their size, and must stay far below
 /// `max_allowed_packet`).
 const COALESCED_VALUE_MAX: usize = 64 * 1024;
@@ -588,8 +588,8 @@ impl Db {
         Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
     }
 
-    /// One write in its own transaction: the stored procedure `kv_put`
-    /// (sql/0003_put_procedure.sql), one round trip as a prepared CALL. With a precondition,
+    /// One write in its own transaction: the stored procedure `kv_put_v2`
+    /// (sql/0004_put_lock_first.sql), one round trip as a prepared CALL. With a precondition,
     /// the row is first locked and checked in a round trip of its own.
     async fn put_one(
         &self,
@@ -623,7 +623,7 @@ impl Db {
                     !conditional,
                 );
                 let row = tx
-                    .exec("CALL kv_put(?, ?, ?, ?, ?, ?, ?)", params)
+                    .exec("CALL kv_put_v2(?, ?, ?, ?, ?, ?, ?)", params)
                     .await?
                     .into_iter()
                     .next();
@@ -638,11 +638,10 @@ impl Db {
     }
 
     /// Plain writes in one transaction, with multi-row statements: per round, one round trip
+    /// writes the entries (`INSERT … ON DUPLICATE KEY UPDATE`), which locks their rows, then
     /// logs the changes (`INSERT INTO kv_changes … VALUES (…), (…)`) and reads back their ids,
-    /// the write's revisions; a second writes the entries (`INSERT … ON DUPLICATE KEY
-    /// UPDATE`, rows in key order, so concurrent batches lock rows in the same order), reads
-    /// back their versions and, after the last round, bumps one counter row by the number of
-    /// writes and commits. The n-th write of a key in the batch goes in round n, so a key
+    /// the writes' revisions; a second sets the entries' revisions, reads back their versions
+    /// and, after the last round, bumps one counter row by the number of writes and commits. The n-th write of a key in the batch goes in round n, so a key
     /// written twice gets two versions, in queue order. Results in the order of `puts`.
     ///
     /// The ids are read back, not computed from `LAST_INSERT_ID()`: MySQL 8's default
@@ -678,9 +677,9 @@ impl Db {
                 let mut out: Vec<Option<WriteOutcome>> = (0..puts.len()).map(|_| None).collect();
                 for (r, round) in rounds.iter().enumerate() {
                     let now = first_now + r as Micros;
-                    let revs = log_changes(&mut tx, r == 0, round, puts, self.origin, now).await?;
+                    let revs = lock_and_log(&mut tx, r == 0, round, puts, self.origin, now).await?;
                     let last = r + 1 == rounds.len();
-                    let mut rows = write_entries(&mut tx, round, puts, &revs, now, last).await?;
+                    let mut rows = set_revisions(&mut tx, round, puts, &revs, last).await?;
                     for &i in round {
                         let p = &puts[i];
                         let read_back = rows.remove(p.key.as_bytes()).ok_or_else(|| {
@@ -722,9 +721,12 @@ fn expiry(now: Micros, ttl_seconds: Option<u32>) -> Option<Micros> {
     ttl_seconds.map(|t| now + i64::from(t) * 1_000_000)
 }
 
-/// Round trip 1 of a batched write: begins the transaction (`begin`), logs one change per
-/// write of `round` and returns their ids by key.
-async fn log_changes(
+/// Round trip 1 of a batched write: begins the transaction (`begin`), writes the entries of
+/// `round` (`INSERT … ON DUPLICATE KEY UPDATE`, rows in key order, so concurrent batches lock
+/// rows in the same order) with a placeholder revision, *then* logs one change per write and
+/// returns their ids by key. The row locks come first so that, for one key, change ids are
+/// handed out in the order the writes commit: a revision is newer exactly when its write is.
+async fn lock_and_log(
     tx: &mut ServerTx,
     begin: bool,
     round: &[usize],
@@ -732,16 +734,41 @@ async fn log_changes(
     origin: u64,
     now: Micros,
 ) -> Result<HashMap<Vec<u8>, u64>, mysql_async::Error> {
-    let mut sql = Sql::with_capacity(
-        200 + round
-            .iter()
-            .map(|&i| 2 * puts[i].key.len() + 60)
-            .sum::<usize>(),
-    );
+    let bytes: usize = round
+        .iter()
+        .map(|&i| 6 * puts[i].key.len() + 2 * puts[i].value.len())
+        .sum();
+    let mut sql = Sql::with_capacity(bytes + 180 * round.len() + 800);
     if begin {
         sql.raw("START TRANSACTION;\n");
     }
-    sql.raw("INSERT INTO kv_changes (k, origin, changed_at) VALUES ");
+    sql.raw(
+        "INSERT INTO kv_entries (k, v, version, rev, created_at, updated_at, expires_at) VALUES ",
+    );
+    for (n, &i) in round.iter().enumerate() {
+        let p = &puts[i];
+        sql.raw(if n == 0 { "(" } else { ", (" })
+            .bytes(p.key.as_bytes())
+            .raw(", ")
+            .bytes(p.value.as_bytes())
+            .raw(", 1, 0, ")
+            .datetime(Some(now))
+            .raw(", ")
+            .datetime(Some(now))
+            .raw(", ")
+            .datetime(p.expiry(now))
+            .raw(")");
+    }
+    // As in kv_put (sql/0004): version + 1 over a live row, 1 over none or an expired one.
+    // Assignments run left to right: the IFs read the old expires_at.
+    sql.raw(
+        " ON DUPLICATE KEY UPDATE \
+         version = IF(expires_at IS NULL OR expires_at > VALUES(updated_at), version + 1, 1), \
+         created_at = IF(expires_at IS NULL OR expires_at > VALUES(updated_at), created_at, \
+         VALUES(created_at)), v = VALUES(v), rev = VALUES(rev), \
+         updated_at = VALUES(updated_at), expires_at = VALUES(expires_at);\n\
+         INSERT INTO kv_changes (k, origin, changed_at) VALUES ",
+    );
     for (n, &i) in round.iter().enumerate() {
         sql.raw(if n == 0 { "(" } else { ", (" })
             .bytes(puts[i].key.as_bytes())
@@ -773,57 +800,35 @@ async fn log_changes(
     Ok(revs)
 }
 
-/// Round trip 2 of a batched write: writes the entries of `round` with their revisions and
-/// returns their `(version, rev, created_at)` rows by key; after the last round also counts
-/// the writes and commits.
-async fn write_entries(
+/// Round trip 2 of a batched write: gives the entries of `round` their revisions and returns
+/// their `(version, rev, created_at)` rows by key; after the last round also counts the
+/// writes and commits.
+async fn set_revisions(
     tx: &mut ServerTx,
     round: &[usize],
     puts: &[Put],
     revs: &HashMap<Vec<u8>, u64>,
-    now: Micros,
     last: bool,
 ) -> Result<HashMap<Vec<u8>, ReadBack>, mysql_async::Error> {
-    let bytes: usize = round
-        .iter()
-        .map(|&i| 4 * puts[i].key.len() + 2 * puts[i].value.len())
-        .sum();
-    let mut sql = Sql::with_capacity(bytes + 120 * round.len() + 800);
-    sql.raw(
-        "INSERT INTO kv_entries (k, v, version, rev, created_at, updated_at, expires_at) VALUES ",
-    );
-    for (n, &i) in round.iter().enumerate() {
-        let p = &puts[i];
-        sql.raw(if n == 0 { "(" } else { ", (" })
-            .bytes(p.key.as_bytes())
-            .raw(", ")
-            .bytes(p.value.as_bytes())
-            .raw(", 1, ")
-            .uint(revs[p.key.as_bytes()])
-            .raw(", ")
-            .datetime(Some(now))
-            .raw(", ")
-            .datetime(Some(now))
-            .raw(", ")
-            .datetime(p.expiry(now))
-            .raw(")");
+    let bytes: usize = round.iter().map(|&i| 6 * puts[i].key.len()).sum();
+    let mut sql = Sql::with_capacity(bytes + 60 * round.len() + 400);
+    sql.raw("UPDATE kv_entries SET rev = CASE k");
+    for &i in round {
+        let key = puts[i].key.as_bytes();
+        sql.raw(" WHEN ").bytes(key).raw(" THEN ").uint(revs[key]);
     }
-    // As in kv_put (sql/0003): version + 1 over a live row, 1 over none or an expired one.
-    // Assignments run left to right: the IFs read the old expires_at.
-    sql.raw(
-        " ON DUPLICATE KEY UPDATE \
-         version = IF(expires_at IS NULL OR expires_at > VALUES(updated_at), version + 1, 1), \
-         created_at = IF(expires_at IS NULL OR expires_at > VALUES(updated_at), created_at, \
-         VALUES(created_at)), v = VALUES(v), rev = VALUES(rev), \
-         updated_at = VALUES(updated_at), expires_at = VALUES(expires_at);\n\
-         SELECT k, version, rev, created_at FROM kv_entries WHERE k IN (",
-    );
-    for (n, &i) in round.iter().enumerate() {
-        if n > 0 {
-            sql.raw(", ");
+    let keys = |sql: &mut Sql| {
+        for (n, &i) in round.iter().enumerate() {
+            if n > 0 {
+                sql.raw(", ");
+            }
+            sql.bytes(puts[i].key.as_bytes());
         }
-        sql.bytes(puts[i].key.as_bytes());
-    }
+    };
+    sql.raw(" END WHERE k IN (");
+    keys(&mut sql);
+    sql.raw(");\nSELECT k, version, rev, created_at FROM kv_entries WHERE k IN (");
+    keys(&mut sql);
     sql.raw(")");
     if last {
         let slot = uuid::Uuid::new_v4().as_u64_pair().0 % COUNTER_SLOTS;

@@ -26,6 +26,29 @@ async fn batches(app: &TestApp, op: &str) -> (u64, u64) {
     (sample("count"), sample("sum"))
 }
 
+/// The revision in an ETag (`"<rev>"`, maybe weak).
+fn rev_of(etag: &str) -> u64 {
+    etag.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
+        .unwrap_or_else(|_| panic!("ETag {etag} is not a revision"))
+}
+
+/// `(version, rev)` of the writes of one key, sorted by version: a newer version must carry a
+/// newer revision, or caches (ordered by revision) would keep the older entry.
+fn assert_revisions_follow_versions(writes: &[(u64, u64)]) {
+    for pair in writes.windows(2) {
+        assert!(
+            pair[0].1 < pair[1].1,
+            "version {} has revision {} but version {} has revision {}",
+            pair[0].0,
+            pair[0].1,
+            pair[1].0,
+            pair[1].1
+        );
+    }
+}
+
 async fn writes_total(app: &TestApp) -> u64 {
     app.stats().await["writes_total"].as_u64().unwrap()
 }
@@ -72,11 +95,15 @@ async fn concurrent_plain_writes_share_transactions_and_each_gets_its_own_result
             if v == 50 {
                 last_same = Some(body["value"].clone());
             }
-            same_versions.push(v);
+            same_versions.push((v, rev_of(etag)));
         }
     }
     same_versions.sort_unstable();
-    assert_eq!(same_versions, (1..=50).collect::<Vec<u64>>());
+    assert_eq!(
+        same_versions.iter().map(|(v, _)| *v).collect::<Vec<u64>>(),
+        (1..=50).collect::<Vec<u64>>()
+    );
+    assert_revisions_follow_versions(&same_versions);
     let newest: Value = app.get("/v1/keys/co/same").await.json().await.unwrap();
     assert_eq!(newest["version"], 50);
     assert_eq!(Some(newest["value"].clone()), last_same);
@@ -221,5 +248,35 @@ async fn concurrent_misses_share_a_select_and_each_gets_its_own_entry() {
         b1 - b0 < 400,
         "400 concurrent misses ran in {} batches",
         b1 - b0
+    );
+}
+
+/// Writes that are never batched (values over 64 KiB: one `kv_put_v2` call each), racing on
+/// one key: each newer version carries a newer revision, and the cache ends on the newest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_single_writes_of_one_key_get_revisions_in_version_order() {
+    let (app, _db) = spawn_app(&[]).await;
+    let big = "x".repeat(70 * 1024);
+    let requests = (0..30).map(|i| {
+        let (app, big) = (&app, &big);
+        async move {
+            let r = app.put_value("co/big", json!({ "i": i, "pad": big })).await;
+            assert!(r.status().is_success(), "write {i}: {}", r.status());
+            let etag = r.headers()["etag"].to_str().unwrap().to_string();
+            let body: Value = r.json().await.unwrap();
+            (body["version"].as_u64().unwrap(), rev_of(&etag))
+        }
+    });
+    let mut writes = join_all(requests).await;
+    writes.sort_unstable();
+    assert_eq!(
+        writes.iter().map(|(v, _)| *v).collect::<Vec<u64>>(),
+        (1..=30).collect::<Vec<u64>>()
+    );
+    assert_revisions_follow_versions(&writes);
+    let newest = app.get("/v1/keys/co/big").await;
+    assert_eq!(
+        rev_of(newest.headers()["etag"].to_str().unwrap()),
+        writes[29].1
     );
 }
