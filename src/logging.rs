@@ -60,20 +60,22 @@ impl Sink {
     }
 
     /// Moves every buffered line to `out` (whole lines: a thread appends under the lock).
+    /// Moves every thread's lines into `out`, and forgets the buffers of threads that have
+    /// exited (tokio's blocking threads come and go).
     fn drain_into(&self, out: &mut Vec<u8>) {
-        let buffers = self
-            .buffers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        for b in buffers {
+        let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        buffers.retain(|b| {
+            // Counted before draining: when only this list holds the buffer, its thread has
+            // gone and can no longer append, so what is drained now is all it will ever hold.
+            let orphaned = Arc::strong_count(b) == 1;
             let mut buf = b.lock().unwrap_or_else(|p| p.into_inner());
             out.extend_from_slice(&buf);
             buf.clear();
             if buf.capacity() > BUFFER_KEEP_BYTES {
                 buf.shrink_to(BUFFER_KEEP_BYTES);
             }
-        }
+            !orphaned
+        });
     }
 }
 
@@ -424,28 +426,38 @@ mod tests {
     fn the_writer_batches_whole_lines_in_order_and_reports_drops() {
         let sink = Arc::new(Sink::default());
         let log = Logger::root(PerThreadJson(sink.clone()).fuse(), o!());
-        std::thread::scope(|s| {
-            for t in 0..3 {
+        // Joined by hand: only that waits for a thread's locals (its buffer handle) to drop.
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
                 let log = log.clone();
-                s.spawn(move || {
+                std::thread::spawn(move || {
                     for n in 0..100 {
                         slog::info!(log, "line"; "t" => t, "n" => n);
                     }
-                });
-            }
-        });
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
         // One more thread fills its buffer: its next line is dropped.
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let big = "x".repeat(BUFFER_MAX_BYTES);
-                slog::info!(log, "big"; "x" => big);
-                slog::info!(log, "lost");
-            });
-        });
+        let big = log.clone();
+        std::thread::spawn(move || {
+            slog::info!(big, "big"; "x" => "x".repeat(BUFFER_MAX_BYTES));
+            slog::info!(big, "lost");
+        })
+        .join()
+        .unwrap();
         assert_eq!(sink.dropped.load(Ordering::Relaxed), 1);
+        // This thread lives on: its buffer is kept, the exited threads' are forgotten.
+        slog::info!(log, "main");
+        assert_eq!(sink.buffers.lock().unwrap().len(), 5);
         sink.stop.store(true, Ordering::SeqCst);
         let out = Out::default();
-        write_lines(sink, out.clone());
+        write_lines(sink.clone(), out.clone());
+        assert_eq!(
+            sink.buffers.lock().unwrap().len(),
+            1,
+            "only the live thread's buffer"
+        );
         let writes = out.0.lock().unwrap().clone();
         assert_eq!(writes.len(), 1, "one write for everything that was waiting");
         let text = String::from_utf8(writes[0].clone()).unwrap();
@@ -453,7 +465,11 @@ mod tests {
             .lines()
             .map(|l| serde_json::from_str(l).expect("whole JSON lines"))
             .collect();
-        assert_eq!(recs.len(), 302, "300 lines, the big one, the report");
+        assert_eq!(
+            recs.len(),
+            303,
+            "300 lines, the big one, main's, the report"
+        );
         for t in 0..3 {
             let ns: Vec<i64> = recs
                 .iter()
