@@ -205,8 +205,11 @@ async fn run(fault: Fault) {
             .json(&json!({"value": "changed"})),
     )
     .await;
-    // Keep the outage going for a while under load.
-    while fault_at.elapsed() < Duration::from_secs(5) {
+    // Keep the outage going for a while under load: long enough that each of the three
+    // writers, whose refusals take 1–2 s (acquire and query timeouts), has at least two
+    // writes wholly inside the window counted below (5 s left only 3.8 s, and a run could
+    // fall short of three).
+    while fault_at.elapsed() < Duration::from_millis(6500) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
