@@ -100,12 +100,12 @@ pub async fn start(config: Config, log: Logger) -> std::io::Result<Running> {
     let (stop_accepting_tx, stop_accepting_rx) = watch::channel(false);
     let graceful = Arc::new(GracefulShutdown::new());
 
-    let api_svc = warp::service(api::routes(state.clone()));
+    let api_svc = warp::service(api::routes());
     let api_state = state.clone();
     let api_handler = move |req: Request<Incoming>| {
         let state = api_state.clone();
         let svc = api_svc.clone();
-        async move { Ok::<_, Infallible>(api::handle(&state, &svc, req).await) }
+        async move { Ok::<_, Infallible>(api::handle(state, &svc, req).await) }
     };
     let metrics_state = state.clone();
     let metrics_handler = move |req: Request<Incoming>| {

@@ -257,10 +257,7 @@ impl AccessJson<'_> {
     fn string(&mut self, s: &str) {
         // Strings that need no escaping (all the access log's, in practice) are copied as
         // they are; the rest go through serde_json's escaper, as in slog-json.
-        let plain = !s.bytes().fold(false, |esc, b| {
-            esc | (b < 0x20) | (b == b'"') | (b == b'\\')
-        });
-        if plain {
+        if !needs_escape(s.as_bytes()) {
             self.0.push(b'"');
             self.0.extend_from_slice(s.as_bytes());
             self.0.push(b'"');
@@ -280,6 +277,13 @@ impl AccessJson<'_> {
         self.0.push(b',');
         self.string(key);
         self.0.push(b':');
+    }
+
+    fn int(&mut self, key: slog::Key, v: impl itoa::Integer) -> slog::Result {
+        self.key(key);
+        self.0
+            .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        Ok(())
     }
 
     fn value(&mut self, key: slog::Key, v: impl serde::Serialize) -> slog::Result {
@@ -312,34 +316,34 @@ impl slog::Serializer for AccessJson<'_> {
         self.value(key, val)
     }
     fn emit_u8(&mut self, key: slog::Key, val: u8) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_i8(&mut self, key: slog::Key, val: i8) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_u16(&mut self, key: slog::Key, val: u16) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_i16(&mut self, key: slog::Key, val: i16) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_u32(&mut self, key: slog::Key, val: u32) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_i32(&mut self, key: slog::Key, val: i32) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_u64(&mut self, key: slog::Key, val: u64) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_i64(&mut self, key: slog::Key, val: i64) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_usize(&mut self, key: slog::Key, val: usize) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_isize(&mut self, key: slog::Key, val: isize) -> slog::Result {
-        self.value(key, val)
+        self.int(key, val)
     }
     fn emit_f32(&mut self, key: slog::Key, val: f32) -> slog::Result {
         self.value(key, val)
@@ -347,6 +351,29 @@ impl slog::Serializer for AccessJson<'_> {
     fn emit_f64(&mut self, key: slog::Key, val: f64) -> slog::Result {
         self.value(key, val)
     }
+}
+
+/// Whether a JSON string needs escapes: a control character (< 0x20), `"` or `\\`. Eight
+/// bytes at a time (a byte loop cost ≈ 5 instructions a byte, and each of the access line's
+/// dozen strings paid a loop set-up): a zero byte in `x ^ c` marks a `c`, and `x - 0x20…`
+/// borrows into a byte's top bit only where it was below 0x20 (bytes ≥ 0x80 keep theirs,
+/// masked by `!x`). A short string is padded with spaces; a long one's last word overlaps.
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * n as u64) & !x & HIGH;
+    let hit = |w: [u8; 8]| {
+        let x = u64::from_ne_bytes(w);
+        below(x, 0x20) | below(x ^ (ONES * b'"' as u64), 1) | below(x ^ (ONES * b'\\' as u64), 1)
+            != 0
+    };
+    let word = |c: &[u8]| -> [u8; 8] { c.try_into().expect("8 bytes") };
+    if s.len() < 8 {
+        let mut w = [b' '; 8];
+        w[..s.len()].copy_from_slice(s);
+        return hit(w);
+    }
+    s.chunks_exact(8).any(|c| hit(word(c))) || hit(word(&s[s.len() - 8..]))
 }
 
 /// The `level` field: slog's level names in lower case, without allocating per line.
@@ -484,6 +511,25 @@ mod tests {
         assert_eq!(report["level"], "warning");
     }
 
+    /// The word-at-a-time check agrees with the byte loop for every byte at every position,
+    /// whatever bytes surround it (both before and in a partial last word).
+    #[test]
+    fn needs_escape_finds_every_byte_that_needs_it() {
+        let naive = |s: &[u8]| s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+        for fill in [b'a', 0x7f, 0x80, 0xff, b'!', b'#'] {
+            for len in [1, 7, 8, 9, 16, 19] {
+                for pos in 0..len {
+                    for b in 0..=255u8 {
+                        let mut s = vec![fill; len];
+                        s[pos] = b;
+                        assert_eq!(needs_escape(&s), naive(&s), "{s:?}");
+                    }
+                }
+            }
+        }
+        assert!(!needs_escape(b""));
+    }
+
     /// The access-log formatter writes what slog-json writes for the same record, byte for
     /// byte but for the timestamp.
     #[test]
@@ -503,7 +549,8 @@ mod tests {
             "status" => 404u16, "duration_ms" => 0.041, "bytes" => 210u64);
         both!("s" => "quote \" backslash \\ control \u{1} tab \t é ✓", "i" => -3i64,
             "f" => 1.0f64, "nan" => f64::NAN, "b" => true, "none" => None::<u8>, "u" => (),
-            "args" => format_args!("x{}\"", 1), "c" => 'é', "z" => 18usize);
+            "args" => format_args!("x{}\"", 1), "c" => 'é', "z" => 18usize,
+            "min" => i64::MIN, "max" => u64::MAX, "i8" => -128i8);
         let mut out = Vec::new();
         sink.drain_into(&mut out);
         let text = String::from_utf8(out).unwrap();

@@ -7,14 +7,15 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
+use http_body_util::BodyExt as _;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use warp::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use warp::path::{FullPath, Tail};
+use warp::path::Tail;
 use warp::reply::Response;
 
-use super::{auth, finish, json_response, route, Req, State};
+use super::{auth, finish, json_response, route, Body, Req, State};
 use crate::cache::CachedEntry;
 use crate::error::ApiError;
 use crate::store::{Precondition, WriteOutcome};
@@ -42,20 +43,10 @@ const KEY_PATH: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// `/v1/keys` and `/v1/keys/{key}`, one warp route: a key costs one path match.
-pub async fn dispatch<S, B>(
-    tail: Tail,
-    path: FullPath,
-    req: Req,
-    body: S,
-    state: Arc<State>,
-) -> Response
-where
-    S: Stream<Item = Result<B, warp::Error>> + Send,
-    B: Buf,
-{
+pub async fn dispatch(tail: Tail, req: Req, body: Option<Body>, state: Arc<State>) -> Response {
     if !tail.as_str().is_empty() {
         item(tail.as_str(), req, body, &state).await
-    } else if path.as_str() == "/v1/keys" {
+    } else if req.route == route::KEYS {
         collection(req, body, &state).await
     } else {
         // `/v1/keys/` names the empty key, which is not a key.
@@ -65,11 +56,7 @@ where
 }
 
 /// `/v1/keys/{key}`: GET, HEAD, PUT, DELETE.
-async fn item<S, B>(path: &str, req: Req, body: S, state: &State) -> Response
-where
-    S: Stream<Item = Result<B, warp::Error>> + Send,
-    B: Buf,
-{
+async fn item(path: &str, req: Req, body: Option<Body>, state: &State) -> Response {
     let r = async {
         let key = key_from_path(path)?;
         match req.method {
@@ -82,7 +69,14 @@ where
                     req.query_params(&[])?;
                     let raw = read_body(body, &req.headers, state).await?;
                     let parsed: PutBody = parse_json(&raw)?;
-                    write(state, &req, key, parsed.value, parsed.ttl_seconds).await
+                    write(
+                        state,
+                        &req,
+                        key.into_owned(),
+                        parsed.value,
+                        parsed.ttl_seconds,
+                    )
+                    .await
                 })
                 .await
             }
@@ -95,11 +89,7 @@ where
 }
 
 /// `/v1/keys`: GET/HEAD list, POST upsert.
-async fn collection<S, B>(req: Req, body: S, state: &State) -> Response
-where
-    S: Stream<Item = Result<B, warp::Error>> + Send,
-    B: Buf,
-{
+async fn collection(req: Req, body: Option<Body>, state: &State) -> Response {
     let r = async {
         match req.method {
             Method::GET | Method::HEAD => list(state, &req).await,
@@ -146,7 +136,7 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
     let cache_status = source.header(db_unreachable);
     let item = item.filter(|i| !i.is_expired(time::now_micros()));
     let Some(item) = item else {
-        let mut resp = ApiError::NotFound(format!("no key {key:?}")).into_response(&req.id);
+        let mut resp = ApiError::NotFound(format!("no key {key:?}")).into_response(req.id());
         resp.headers_mut()
             .insert(CACHE_STATUS.clone(), cache_status);
         return Ok(resp);
@@ -384,7 +374,8 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
 }
 
 /// The key of `/v1/keys/{key}`: percent-decoded, then validated.
-pub fn key_from_path(raw: &str) -> Result<String, ApiError> {
+/// The key a path segment names, percent-decoded (borrowed when it has no escapes).
+pub fn key_from_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, ApiError> {
     // A `%` must start an escape: `%A` or `%%41` is not a key spelling two paths could share.
     let b = raw.as_bytes();
     if b.iter().enumerate().any(|(i, c)| {
@@ -397,12 +388,9 @@ pub fn key_from_path(raw: &str) -> Result<String, ApiError> {
                 .into(),
         ));
     }
-    let key = percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| {
-            ApiError::InvalidKey("the key is not valid UTF-8 after percent-decoding".into())
-        })?
-        .into_owned();
+    let key = percent_decode_str(raw).decode_utf8().map_err(|_| {
+        ApiError::InvalidKey("the key is not valid UTF-8 after percent-decoding".into())
+    })?;
     validate_key(&key)?;
     Ok(key)
 }
@@ -508,11 +496,15 @@ pub fn body_limit(max_value_bytes: usize) -> usize {
 
 /// Reads the whole body within the request timeout, refusing it (413) as soon as it is
 /// known to exceed the limit: by its Content-Length, or while streaming.
-async fn read_body<S, B>(body: S, headers: &HeaderMap, state: &State) -> Result<Bytes, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>> + Send,
-    B: Buf,
-{
+async fn read_body(
+    body: Option<Body>,
+    headers: &HeaderMap,
+    state: &State,
+) -> Result<Bytes, ApiError> {
+    let Some(body) = body else {
+        return Ok(Bytes::new());
+    };
+    let body = body.into_data_stream();
     let limit = body_limit(state.config.max_value_bytes);
     let too_large = || {
         ApiError::ValueTooLarge(format!(
@@ -560,9 +552,9 @@ where
 }
 
 /// Reads and discards the rest of an oversized body (bounded in bytes and time).
-async fn drain<S, B>(body: &mut std::pin::Pin<&mut S>, mut seen: usize)
+async fn drain<S, B, E>(body: &mut std::pin::Pin<&mut S>, mut seen: usize)
 where
-    S: Stream<Item = Result<B, warp::Error>>,
+    S: Stream<Item = Result<B, E>>,
     B: Buf,
 {
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {

@@ -86,12 +86,26 @@ pub struct Req {
     pub method: Method,
     pub headers: HeaderMap,
     pub query: String,
-    pub id: String,
+    /// The request id (`X-Request-Id`), as sent back.
+    pub id: HeaderValue,
+    /// The route template of the path ([`route_of`]).
+    pub route: &'static str,
 }
 
+/// The request body, still unread (only writes read it).
+pub type Body = hyper::body::Incoming;
+
 impl Req {
+    /// The request id as text (it is always ASCII: see [`request_id`]).
+    pub fn id(&self) -> &str {
+        self.id.to_str().unwrap_or_default()
+    }
+
     /// Parses the query string; every parameter must be one of `allowed`, at most once.
     pub fn query_params(&self, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+        if self.query.is_empty() {
+            return Ok(HashMap::new());
+        }
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&self.query)
             .map_err(|_| ApiError::InvalidRequest("the query string is malformed".into()))?;
         let mut out = HashMap::with_capacity(pairs.len());
@@ -146,9 +160,9 @@ pub fn finish(
         Ok(resp) => resp,
         Err(e) => {
             if let ApiError::Internal(cause) = &e {
-                slog::error!(state.log, "internal error"; "request_id" => &req.id, "route" => route, "cause" => cause);
+                slog::error!(state.log, "internal error"; "request_id" => req.id(), "route" => route, "cause" => cause);
             }
-            e.into_response(&req.id)
+            e.into_response(req.id())
         }
     }
 }
@@ -156,6 +170,8 @@ pub fn finish(
 pub fn json_response(status: warp::http::StatusCode, body: impl Into<bytes::Bytes>) -> Response {
     let mut resp = Response::new(body.into().into());
     *resp.status_mut() = status;
+    // Room for every header a response gets, so the map is allocated once.
+    resp.headers_mut().reserve(8);
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -163,70 +179,77 @@ pub fn json_response(status: warp::http::StatusCode, body: impl Into<bytes::Byte
     resp
 }
 
-tokio::task_local! {
-    /// The request as handlers see it, from [`handle`] to the route that matched: warp's own
-    /// filters could only clone the headers (≈ 1 000 instructions a request).
-    static REQ: std::cell::RefCell<Option<Req>>;
+/// What the envelope hands to the route that matches: the request as handlers see it, its
+/// body, and the state. warp routes on the path alone: its own filters could only clone the
+/// headers, every value a filter extracts is moved through each combinator after it, and
+/// routes that captured the state would make each clone of the service bump its count.
+struct Ctx {
+    state: Arc<State>,
+    req: std::cell::RefCell<Option<(Req, Body)>>,
 }
 
-/// The route's `Req`, moved out of the envelope's task-local. Exactly one route takes it:
-/// each route's path filters come first and nothing after `with_req` rejects. (Were it taken
-/// twice, the second would see no headers, and so no credentials: it fails closed.)
-fn with_req() -> impl Filter<Extract = (Req,), Error = Infallible> + Clone {
-    warp::any().map(|| {
-        let taken = REQ.try_with(|r| r.borrow_mut().take()).ok().flatten();
+tokio::task_local! {
+    static CTX: Ctx;
+}
+
+/// The route's `Req`, body and state, moved out of the envelope's task-local (routes run
+/// only inside [`handle`]). Exactly one route takes them: each route's path filters come
+/// first and nothing after the take rejects. (Were they taken twice, the second would see no
+/// headers, and so no credentials: it fails closed.)
+fn take_req() -> (Req, Option<Body>, Arc<State>) {
+    CTX.with(|ctx| {
+        let taken = ctx.req.borrow_mut().take();
         debug_assert!(taken.is_some(), "the request was taken twice");
-        taken.unwrap_or_else(|| Req {
-            method: Method::GET,
-            headers: HeaderMap::new(),
-            query: String::new(),
-            id: String::new(),
-        })
+        let (req, body) = match taken {
+            Some((req, body)) => (req, Some(body)),
+            None => (
+                Req {
+                    method: Method::GET,
+                    headers: HeaderMap::new(),
+                    query: String::new(),
+                    id: HeaderValue::from_static(""),
+                    route: route::UNMATCHED,
+                },
+                None,
+            ),
+        };
+        (req, body, ctx.state.clone())
     })
 }
 
-/// All routes of the API port.
-pub fn routes(
-    state: Arc<State>,
-) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
-    let st = warp::any().map(move || state.clone());
+/// A route's handler, called with what [`take_req`] gives. Its future is boxed: boxed, the
+/// filter chain moves a pointer around instead of copying a state machine at every step.
+fn to<H, F>(handler: H) -> impl Fn() -> std::pin::Pin<Box<F>> + Clone + Send + Sync + 'static
+where
+    H: Fn(Req, Option<Body>, Arc<State>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    move || {
+        let (req, body, state) = take_req();
+        Box::pin(handler(req, body, state))
+    }
+}
 
+/// All routes of the API port. They capture nothing: cloning the service is free.
+pub fn routes(
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    // The hot route extracts only the tail; its handler is boxed like the others (see `to`).
     let keys = warp::path("v1")
         .and(warp::path("keys"))
         .and(warp::path::tail())
-        .and(warp::path::full())
-        .and(with_req())
-        .and(warp::body::stream())
-        .and(st.clone())
-        // Handlers that wait on the database are state machines of several KiB; boxed, the
-        // filter chain moves a pointer around instead of copying them at every step.
-        .then(|tail, path, req, body, state| {
-            Box::pin(keys::dispatch(tail, path, req, body, state))
+        .then(|tail: warp::path::Tail| {
+            let (req, body, state) = take_req();
+            Box::pin(keys::dispatch(tail, req, body, state))
         });
-    let stats = warp::path!("v1" / "stats")
-        .and(with_req())
-        .and(st.clone())
-        .then(|req, state| Box::pin(health::stats(req, state)));
-    let root = warp::path::end()
-        .and(with_req())
-        .and(st.clone())
-        .then(health::root);
-    let healthz = warp::path!("healthz")
-        .and(with_req())
-        .and(st.clone())
-        .then(health::healthz);
-    let readyz = warp::path!("readyz")
-        .and(with_req())
-        .and(st.clone())
-        .then(health::readyz);
-    let openapi = warp::path!("openapi.json")
-        .and(with_req())
-        .and(st.clone())
-        .then(health::openapi);
-    let fallback = with_req().and(st).map(|req: Req, state: Arc<State>| {
+    let stats = warp::path!("v1" / "stats").then(to(|req, _, state| health::stats(req, state)));
+    let root = warp::path::end().then(to(|req, _, state| health::root(req, state)));
+    let healthz = warp::path!("healthz").then(to(|req, _, state| health::healthz(req, state)));
+    let readyz = warp::path!("readyz").then(to(|req, _, state| health::readyz(req, state)));
+    let openapi = warp::path!("openapi.json").then(to(|req, _, state| health::openapi(req, state)));
+    let fallback = warp::any().then(to(|req, _, state| async move {
         let e = ApiError::NotFound("no such route; see /openapi.json".into());
         finish(&state, &req, route::UNMATCHED, Err(e))
-    });
+    }));
 
     keys.or(stats)
         .unify()
@@ -260,30 +283,40 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         .expect("uuid is ASCII")
 }
 
+/// What warp sees of a request: its head (headers moved out), no body.
+pub type Routed = Request<http_body_util::Empty<bytes::Bytes>>;
+
 /// The envelope around every API request: request id in and out, a time budget, the
 /// HTTP metrics and the access-log line.
-pub async fn handle<S, B>(state: &State, svc: &S, mut req: Request<B>) -> Response
+pub async fn handle<S>(state: Arc<State>, svc: &S, req: Request<Body>) -> Response
 where
-    S: tower_service::Service<Request<B>, Response = Response, Error = Infallible> + Clone,
+    S: tower_service::Service<Routed, Response = Response, Error = Infallible> + Clone,
 {
     let start = Instant::now();
-    let id = request_id(req.headers());
-    let method = metrics::method_label(req.method());
-    let route = route_of(req.uri().path());
+    let (mut parts, body) = req.into_parts();
+    let id = request_id(&parts.headers);
+    let method = metrics::method_label(&parts.method);
+    let route = route_of(parts.uri.path());
     let _in_flight = metrics::GaugeGuard::hold(&state.metrics.http_in_flight);
-    // The head goes to the handlers through `REQ`; warp routes on method and URI alone.
+    // Head and body go to the handlers through `CTX`; warp routes on the path alone.
     let head = Req {
-        method: req.method().clone(),
-        headers: std::mem::take(req.headers_mut()),
-        query: req.uri().query().unwrap_or_default().to_owned(),
-        id: id.to_str().unwrap_or_default().to_owned(),
+        method: parts.method.clone(),
+        headers: std::mem::take(&mut parts.headers),
+        query: parts.uri.query().unwrap_or_default().to_owned(),
+        id: id.clone(),
+        route,
     };
+    let req = Request::from_parts(parts, http_body_util::Empty::new());
 
     let budget = state.config.request_timeout
         + state.config.db_acquire_timeout
         + state.config.db_query_timeout;
-    let mut svc = svc.clone();
-    let mut routed = std::pin::pin!(REQ.scope(std::cell::RefCell::new(Some(head)), svc.call(req)));
+    let ctx = Ctx {
+        state: state.clone(),
+        req: std::cell::RefCell::new(Some((head, body))),
+    };
+    let call = svc.clone().call(req);
+    let mut routed = std::pin::pin!(CTX.scope(ctx, call));
     // Most requests (cache hits, refusals) are answered by the first poll: they need no timer.
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(routed.as_mut().poll(cx))).await;
     let answered = match first {
