@@ -1,11 +1,5 @@
 //! The `kvstore` binary: parse the command, nothing else.
 
-/// mimalloc instead of glibc's malloc: a request allocates and frees a few dozen small
-/// blocks, and glibc's free paths (with `malloc_consolidate` on the miss path) cost
-/// ≈ 8 % of a cached GET's instructions and ≈ 20 % of a miss's (callgrind, see the README).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
