@@ -105,7 +105,7 @@ pub async fn start(config: Config, log: Logger) -> std::io::Result<Running> {
     let api_handler = move |req: Request<Incoming>| {
         let state = api_state.clone();
         let svc = api_svc.clone();
-        async move { Ok::<_, Infallible>(api::handle(state, &svc, req).await) }
+        async move { Ok::<_, Infallible>(api::handle(state, svc, req).await) }
     };
     let metrics_state = state.clone();
     let metrics_handler = move |req: Request<Incoming>| {

@@ -288,9 +288,9 @@ pub type Routed = Request<http_body_util::Empty<bytes::Bytes>>;
 
 /// The envelope around every API request: request id in and out, a time budget, the
 /// HTTP metrics and the access-log line.
-pub async fn handle<S>(state: Arc<State>, svc: &S, req: Request<Body>) -> Response
+pub async fn handle<S>(state: Arc<State>, mut svc: S, req: Request<Body>) -> Response
 where
-    S: tower_service::Service<Routed, Response = Response, Error = Infallible> + Clone,
+    S: tower_service::Service<Routed, Response = Response, Error = Infallible>,
 {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -315,7 +315,7 @@ where
         state: state.clone(),
         req: std::cell::RefCell::new(Some((head, body))),
     };
-    let call = svc.clone().call(req);
+    let call = svc.call(req);
     let mut routed = std::pin::pin!(CTX.scope(ctx, call));
     // Most requests (cache hits, refusals) are answered by the first poll: they need no timer.
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(routed.as_mut().poll(cx))).await;
