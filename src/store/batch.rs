@@ -14,25 +14,25 @@
 //! connection, which makes the server roll it back. (mysql_async already discards a
 //! connection whose I/O was interrupted inside one of its routines; `Drop` covers the rest.)
 
-use std::fmt::Write as _;
-
 use mysql_async::prelude::*;
 use mysql_async::{Conn, Row};
 
-use crate::time::{self, Micros};
+use crate::time::{Micros, Rfc3339Micros};
 
-/// SQL text under construction.
+/// SQL text under construction: ASCII bytes (hexadecimal, digits, the service's own SQL).
+/// A batch of writes carries every key five times and every value once, as hexadecimal, and
+/// four timestamps per write: these are written byte by byte, without `fmt`.
 #[derive(Default)]
-pub struct Sql(String);
+pub struct Sql(Vec<u8>);
 
 impl Sql {
     pub fn with_capacity(bytes: usize) -> Sql {
-        Sql(String::with_capacity(bytes))
+        Sql(Vec::with_capacity(bytes))
     }
 
     /// Literal SQL written by the service (never client data).
     pub fn raw(&mut self, sql: &str) -> &mut Sql {
-        self.0.push_str(sql);
+        self.0.extend_from_slice(sql.as_bytes());
         self
     }
 
@@ -40,30 +40,35 @@ impl Sql {
     pub fn bytes(&mut self, b: &[u8]) -> &mut Sql {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         self.0.reserve(3 + 2 * b.len());
-        self.0.push_str("X'");
+        self.0.extend_from_slice(b"X'");
         for &byte in b {
-            self.0.push(HEX[usize::from(byte >> 4)] as char);
-            self.0.push(HEX[usize::from(byte & 0xf)] as char);
+            self.0.push(HEX[usize::from(byte >> 4)]);
+            self.0.push(HEX[usize::from(byte & 0xf)]);
         }
-        self.0.push('\'');
+        self.0.push(b'\'');
         self
     }
 
     pub fn uint(&mut self, n: u64) -> &mut Sql {
-        let _ = write!(self.0, "{n}");
-        self
+        self.raw(itoa::Buffer::new().format(n))
     }
 
-    /// A DATETIME(6) literal, or NULL.
+    /// A DATETIME(6) literal (`'2026-11-22 19:54:48.123456'`), or NULL.
     pub fn datetime(&mut self, us: Option<Micros>) -> &mut Sql {
-        match us {
-            Some(us) => self.raw(&time::to_sql(us).as_sql(true)),
-            None => self.raw("NULL"),
-        }
+        let Some(us) = us else {
+            return self.raw("NULL");
+        };
+        let ts = Rfc3339Micros::new(us);
+        let ts = ts.as_str(); // 2026-11-22T19:54:48.123456Z
+        self.raw("'")
+            .raw(&ts[..10])
+            .raw(" ")
+            .raw(&ts[11..ts.len() - 1])
+            .raw("'")
     }
 
     pub fn into_string(self) -> String {
-        self.0
+        String::from_utf8(self.0).expect("SQL text is built from ASCII and &str only")
     }
 }
 
@@ -179,5 +184,36 @@ mod tests {
             sql.into_string(),
             "SELECT X'6b275c00ff', 42, '2023-11-14 22:13:20.123456', NULL, X''"
         );
+    }
+
+    /// Timestamp literals name the same instant as the driver's own rendering of the
+    /// DATETIME(6) parameter, over years 0000–9999.
+    #[test]
+    fn datetimes_agree_with_the_driver() {
+        let (lo, hi) = (-62_167_219_200_000_000i64, 253_402_300_799_999_999i64);
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut instants = vec![lo, hi, 0, 1, -1, 1_700_000_000_000_000];
+        for _ in 0..20_000 {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            instants.push(lo + ((x >> 1) as i64) % (hi - lo));
+        }
+        for us in instants {
+            let mut sql = Sql::default();
+            sql.datetime(Some(us));
+            let ours = sql.into_string();
+            let theirs = crate::time::to_sql(us).as_sql(true);
+            // The driver leaves out a zero time of day and a zero fraction; the literals mean
+            // the same either way.
+            let mut theirs = theirs.trim_matches('\'').to_owned();
+            if theirs.len() == 10 {
+                theirs.push_str(" 00:00:00");
+            }
+            if !theirs.contains('.') {
+                theirs.push_str(".000000");
+            }
+            assert_eq!(ours, format!("'{theirs}'"), "{us}");
+        }
     }
 }

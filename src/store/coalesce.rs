@@ -3,9 +3,12 @@
 //!
 //! A fixed number of workers share one queue. A worker waits for the first job, then takes
 //! whatever else is already queued (up to `max_items`, or until the jobs' weight reaches
-//! `max_weight`) and runs them as one batch. Nothing waits to fill a batch: a lone request
-//! goes alone, as soon as a worker is free; under load, the requests that queue up while the
-//! workers are busy become the next batches. With `workers` batches in flight, at most
+//! `max_weight`) and runs them as one batch. When no batch is in flight, nothing waits to
+//! fill one: a lone request goes alone, at once. While another batch is in flight, a batch
+//! smaller than `busy_min` waits for more jobs or for that batch to end, whichever comes
+//! first: otherwise an idle worker would take the first request to arrive alone, and
+//! under load a third of all batches were single requests, each paying a whole statement
+//! (and, for writes, a commit) for one key. With `workers` batches in flight, at most
 //! `workers` pool connections are used.
 //!
 //! A batch succeeds or fails as a whole: on an error every job in it gets the error. A job
@@ -14,10 +17,11 @@
 //! A caller that gives up (its request timed out) only drops its reply.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 
 use crate::error::DbError;
 
@@ -33,6 +37,9 @@ pub struct Limits {
     /// Concurrent batches (each on its own connection).
     pub workers: usize,
     pub max_items: usize,
+    /// While another batch is in flight, a smaller batch waits for more jobs or for that
+    /// batch to end.
+    pub busy_min: usize,
     /// A batch takes no more jobs once their summed weight reaches this.
     pub max_weight: usize,
     /// A job queued longer than this fails with a timeout instead of running.
@@ -55,14 +62,22 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
         let (queue, rx) = mpsc::unbounded_channel::<Job<T, R>>();
         let rx = Arc::new(Mutex::new(rx));
         let run = Arc::new(run);
+        let busy = Arc::new(Busy::default());
         for _ in 0..limits.workers.max(1) {
-            let (rx, run) = (rx.clone(), run.clone());
+            let (rx, run, busy) = (rx.clone(), run.clone(), busy.clone());
             tokio::spawn(async move {
-                while let Some(jobs) = next_batch(&rx, &limits, weight).await {
+                while let Some(jobs) = next_batch(&rx, &limits, weight, &busy).await {
+                    if jobs.is_empty() {
+                        continue;
+                    }
                     let (items, replies): (Vec<T>, Vec<_>) =
                         jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
                     let n = items.len();
-                    let results = run(items).await.and_then(|results| {
+                    let results = {
+                        let _in_flight = busy.start();
+                        run(items).await
+                    };
+                    let results = results.and_then(|results| {
                         if results.len() == n {
                             Ok(results)
                         } else {
@@ -107,27 +122,66 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
     }
 }
 
-/// The next batch: the first queued job (waiting for one), then whatever else is queued now.
-/// `None` when the coalescer is gone.
+/// The batches in flight, and a signal each time one ends.
+#[derive(Default)]
+struct Busy {
+    in_flight: AtomicUsize,
+    ended: Notify,
+}
+
+impl Busy {
+    fn start(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self)
+    }
+}
+
+/// One batch in flight; dropped when it ends (however it ends).
+struct InFlight<'a>(&'a Busy);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.ended.notify_waiters();
+    }
+}
+
+/// The next batch: the first queued job (waiting for one), then whatever else is queued now;
+/// while another batch is in flight, more (see the module docs). `None` when the coalescer
+/// is gone.
 async fn next_batch<T, R>(
     rx: &Mutex<mpsc::UnboundedReceiver<Job<T, R>>>,
     limits: &Limits,
     weight: fn(&T) -> usize,
+    busy: &Busy,
 ) -> Option<Vec<Job<T, R>>> {
     let mut rx = rx.lock().await;
     let mut batch = Vec::new();
     let mut total = 0;
+    let mut lingered = false;
     loop {
+        // Registered before the in-flight count is read, so an end in between is not missed.
+        let ended = busy.ended.notified();
+        let mut ended = std::pin::pin!(ended);
+        ended.as_mut().enable();
         let job = if batch.is_empty() {
             rx.recv().await?
-        } else {
-            match rx.try_recv() {
-                Ok(job) => job,
-                Err(_) => break,
+        } else if let Ok(job) = rx.try_recv() {
+            job
+        } else if batch.len() < limits.busy_min && busy.in_flight.load(Ordering::SeqCst) > 0 {
+            lingered = true;
+            tokio::select! {
+                job = rx.recv() => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+                () = ended => continue,
             }
+        } else {
+            break;
         };
         if job.queued.elapsed() > limits.max_wait {
-            let _ = job.reply.send(Err(DbError::Timeout("connection")));
+            time_out(job);
             continue;
         }
         total += weight(&job.item);
@@ -136,7 +190,22 @@ async fn next_batch<T, R>(
             break;
         }
     }
+    if lingered {
+        // The wait for more is bounded by the batch in flight (by its query timeout), and a
+        // job still must not run later than it may wait for a connection.
+        let (late, on_time): (Vec<_>, _) = batch
+            .into_iter()
+            .partition(|job| job.queued.elapsed() > limits.max_wait);
+        late.into_iter().for_each(time_out);
+        batch = on_time;
+    }
     Some(batch)
+}
+
+/// A job that waited longer than `max_wait` gets the error it would have had waiting for a
+/// connection, instead of running.
+fn time_out<T, R>(job: Job<T, R>) {
+    let _ = job.reply.send(Err(DbError::Timeout("connection")));
 }
 
 #[cfg(test)]
@@ -148,6 +217,7 @@ mod tests {
         Limits {
             workers,
             max_items,
+            busy_min: 1,
             max_weight: usize::MAX,
             max_wait: Duration::from_secs(5),
         }
@@ -183,6 +253,70 @@ mod tests {
         let n = batches.load(Ordering::SeqCst);
         assert!(n < 200, "200 concurrent jobs ran in {n} batches");
         assert!(largest.load(Ordering::SeqCst) <= 16, "max_items holds");
+    }
+
+    /// Polls until `cond` holds (at most 5 s).
+    async fn until(cond: impl Fn() -> bool) {
+        for _ in 0..5000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("condition not reached within 5 s");
+    }
+
+    #[tokio::test]
+    async fn while_a_batch_is_in_flight_a_small_one_waits_for_more_jobs_or_for_its_end() {
+        let batches = Arc::new(std::sync::Mutex::new(Vec::<Vec<u32>>::new()));
+        let release = Arc::new(Notify::new());
+        let (b, r) = (batches.clone(), release.clone());
+        let c = Arc::new(Coalescer::spawn(
+            Limits {
+                busy_min: 3,
+                ..limits(2, 16)
+            },
+            |_| 1,
+            move |items: Vec<u32>| {
+                b.lock().unwrap().push(items.clone());
+                let r = r.clone();
+                async move {
+                    if items == [0] {
+                        r.notified().await; // the batch in flight, until the test ends it
+                    }
+                    Ok(items)
+                }
+            },
+        ));
+        let ran = || batches.lock().unwrap().clone();
+        let submit = |i: u32| {
+            let c = c.clone();
+            tokio::spawn(async move { c.submit(i).await })
+        };
+        // Nothing in flight: a lone job goes at once.
+        let first = submit(0);
+        until(|| ran().len() == 1).await;
+        // One in flight: a lone job waits ...
+        let lone = submit(1);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(ran(), [vec![0]], "a lone job ran beside a batch in flight");
+        // ... until `busy_min` jobs are queued, which go without waiting for the first batch.
+        let more = [submit(2), submit(3)];
+        until(|| ran().len() == 2).await;
+        assert_eq!(ran()[1], [1, 2, 3]);
+        assert!(!first.is_finished());
+        // A lone job waits for the batch in flight to end, then goes.
+        let last = submit(4);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(ran().len(), 2, "a lone job ran beside a batch in flight");
+        release.notify_one();
+        assert_eq!(first.await.unwrap().unwrap(), 0);
+        assert_eq!(last.await.unwrap().unwrap(), 4);
+        assert_eq!(ran()[2], [4]);
+        assert_eq!(lone.await.unwrap().unwrap(), 1);
+        for (i, m) in more.into_iter().enumerate() {
+            assert_eq!(m.await.unwrap().unwrap(), i as u32 + 2);
+        }
     }
 
     #[tokio::test]

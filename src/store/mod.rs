@@ -216,10 +216,15 @@ impl Store {
         // connections and both MariaDB and the service spent ≈ 25 % more CPU per miss (≈ 35 %
         // per write) than with two. Two batches of up to 64 keys a round trip are far more
         // than one replica's CPU can serve, and one slow batch (a write waiting for a row
-        // lock) still leaves the other going.
+        // lock) still leaves the other going. The second batch waits to be half full while
+        // the first is in flight (`busy_min`, see store::coalesce).
         let limits = coalesce::Limits {
             workers: (config.db_pool_max / 4).clamp(1, 2),
             max_items: READ_BATCH_MAX,
+            // Under 64 connections, a half-full batch while the other is in flight gave the
+            // efficiency of one worker (≈ 30 writes or 26 reads a batch; with no minimum,
+            // a third of the write batches were single writes): +15 % PUTs, +8 % misses.
+            busy_min: READ_BATCH_MAX / 2,
             max_weight: usize::MAX,
             max_wait: config.db_acquire_timeout,
         };
