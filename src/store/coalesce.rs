@@ -6,7 +6,7 @@
 //! `max_weight`) and runs them as one batch. When no batch is in flight, nothing waits to
 //! fill one: a lone request goes alone, at once. While another batch is in flight, a batch
 //! smaller than `busy_min` waits for more jobs or for that batch to end, whichever comes
-//! first: otherwise an idle worker would take the first request to arrive alone, and
+//! first, but no longer than `max_linger` (the batch in flight may be stuck): otherwise an idle worker would take the first request to arrive alone, and
 //! under load a third of all batches were single requests, each paying a whole statement
 //! (and, for writes, a commit) for one key. With `workers` batches in flight, at most
 //! `workers` pool connections are used.
@@ -40,6 +40,8 @@ pub struct Limits {
     /// While another batch is in flight, a smaller batch waits for more jobs or for that
     /// batch to end.
     pub busy_min: usize,
+    /// ... but no longer than this (a batch in flight may be stuck, on a row lock say).
+    pub max_linger: Duration,
     /// A batch takes no more jobs once their summed weight reaches this.
     pub max_weight: usize,
     /// A job queued longer than this fails with a timeout instead of running.
@@ -158,7 +160,8 @@ async fn next_batch<T, R>(
     let mut rx = rx.lock().await;
     let mut batch = Vec::new();
     let mut total = 0;
-    let mut lingered = false;
+    // Set when this batch first waits beside one in flight: it waits `max_linger` at most.
+    let mut linger_until: Option<tokio::time::Instant> = None;
     loop {
         // Registered before the in-flight count is read, so an end in between is not missed.
         let ended = busy.ended.notified();
@@ -169,13 +172,15 @@ async fn next_batch<T, R>(
         } else if let Ok(job) = rx.try_recv() {
             job
         } else if batch.len() < limits.busy_min && busy.in_flight.load(Ordering::SeqCst) > 0 {
-            lingered = true;
+            let until = *linger_until
+                .get_or_insert_with(|| tokio::time::Instant::now() + limits.max_linger);
             tokio::select! {
                 job = rx.recv() => match job {
                     Some(job) => job,
                     None => break,
                 },
                 () = ended => continue,
+                () = tokio::time::sleep_until(until) => break,
             }
         } else {
             break;
@@ -190,7 +195,7 @@ async fn next_batch<T, R>(
             break;
         }
     }
-    if lingered {
+    if linger_until.is_some() {
         // The wait for more is bounded by the batch in flight (by its query timeout), and a
         // job still must not run later than it may wait for a connection.
         let (late, on_time): (Vec<_>, _) = batch
@@ -218,6 +223,7 @@ mod tests {
             workers,
             max_items,
             busy_min: 1,
+            max_linger: Duration::from_secs(5),
             max_weight: usize::MAX,
             max_wait: Duration::from_secs(5),
         }
@@ -317,6 +323,43 @@ mod tests {
         for (i, m) in more.into_iter().enumerate() {
             assert_eq!(m.await.unwrap().unwrap(), i as u32 + 2);
         }
+    }
+
+    #[tokio::test]
+    async fn a_stuck_batch_in_flight_holds_a_lone_job_no_longer_than_max_linger() {
+        let release = Arc::new(Notify::new());
+        let r = release.clone();
+        let c = Arc::new(Coalescer::spawn(
+            Limits {
+                busy_min: 3,
+                max_linger: Duration::from_millis(20),
+                ..limits(2, 16)
+            },
+            |_| 1,
+            move |items: Vec<u32>| {
+                let r = r.clone();
+                async move {
+                    if items == [0] {
+                        r.notified().await;
+                    }
+                    Ok(items)
+                }
+            },
+        ));
+        let stuck = tokio::spawn({
+            let c = c.clone();
+            async move { c.submit(0).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let lone = tokio::time::timeout(Duration::from_secs(2), c.submit(1)).await;
+        assert_eq!(
+            lone.expect("the lone job waited for the stuck batch")
+                .unwrap(),
+            1
+        );
+        assert!(!stuck.is_finished());
+        release.notify_one();
+        assert_eq!(stuck.await.unwrap().unwrap(), 0);
     }
 
     #[tokio::test]
