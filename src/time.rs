@@ -171,6 +171,22 @@ pub fn from_sql(v: &Value) -> Option<Micros> {
     }
 }
 
+/// For tests: both ends, the epoch and its neighbours, the leap day of 2000 and 20 000
+/// pseudo-random instants from `lo` to the last microsecond of 9999 (the same every run).
+#[cfg(test)]
+pub(crate) fn sample_instants(lo: Micros) -> Vec<Micros> {
+    let hi = 253_402_300_799_999_999i64;
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut instants = vec![lo, hi, 0, 1, -1, 951_782_399_999_999, 951_868_800_000_000];
+    for _ in 0..20_000 {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        instants.push(lo + ((x >> 1) as i64) % (hi - lo));
+    }
+    instants
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,16 +201,7 @@ mod tests {
         let imf = format_description!(
             "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
         );
-        let (lo, hi) = (-62_135_596_800_000_000i64, 253_402_300_799_999_999i64);
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut instants = vec![lo, hi, 0, -1, 951_782_399_999_999, 951_868_800_000_000];
-        for _ in 0..20_000 {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            instants.push(lo + ((x >> 1) as i64) % (hi - lo));
-        }
-        for us in instants {
+        for us in sample_instants(-62_135_596_800_000_000) {
             let dt = to_datetime(us);
             assert_eq!(rfc3339_micros(us), dt.format(rfc).unwrap(), "{us}");
             assert_eq!(http_date(us), dt.format(imf).unwrap(), "{us}");

@@ -6,10 +6,10 @@
 //! `max_weight`) and runs them as one batch. When no batch is in flight, nothing waits to
 //! fill one: a lone request goes alone, at once. While another batch is in flight, a batch
 //! smaller than `busy_min` waits for more jobs or for that batch to end, whichever comes
-//! first, but no longer than `max_linger` (the batch in flight may be stuck): otherwise an idle worker would take the first request to arrive alone, and
-//! under load a third of all batches were single requests, each paying a whole statement
-//! (and, for writes, a commit) for one key. With `workers` batches in flight, at most
-//! `workers` pool connections are used.
+//! first, and no longer than `max_linger` (the batch in flight may be stuck). Without that
+//! wait, an idle worker took the first request to arrive on its own, and under load a third
+//! of all write batches were single writes, each paying a whole statement and commit. With
+//! `workers` batches in flight, at most `workers` pool connections are used.
 //!
 //! A batch succeeds or fails as a whole: on an error every job in it gets the error. A job
 //! that waited in the queue longer than `max_wait` (the pool's acquire timeout) gets
@@ -196,8 +196,8 @@ async fn next_batch<T, R>(
         }
     }
     if linger_until.is_some() {
-        // The wait for more is bounded by the batch in flight (by its query timeout), and a
-        // job still must not run later than it may wait for a connection.
+        // The wait is short (`max_linger`), but a job still must not run later than it may
+        // wait for a connection.
         let (late, on_time): (Vec<_>, _) = batch
             .into_iter()
             .partition(|job| job.queued.elapsed() > limits.max_wait);

@@ -213,8 +213,8 @@ impl Store {
         // 8: at most a quarter of it each), so the rest stays free for listing, deletes,
         // conditional writes and stats. More in flight means smaller batches, and a batch's
         // cost is mostly per statement: with four, reads averaged 7 keys a batch under 64
-        // connections and both MariaDB and the service spent ≈ 25 % more CPU per miss (≈ 35 %
-        // per write) than with two. Two batches of up to 64 keys a round trip are far more
+        // connections and MariaDB and the service together spent ≈ 15 % more CPU per miss
+        // (≈ 25 % per write) than with two. Two batches of up to 64 keys a round trip are far more
         // than one replica's CPU can serve, and one slow batch (a write waiting for a row
         // lock) still leaves the other going. The second batch waits to be half full while
         // the first is in flight (`busy_min`, see store::coalesce).
@@ -515,8 +515,8 @@ const READ_BATCH_MAX: usize = 64;
 ///
 /// Expired rows are filtered by the caller, not in SQL: with only the primary key's IN list
 /// to look at, the optimizer does not also estimate a range on `kv_entries_expires_at` for
-/// every execution (an `OR` on a nullable indexed column), which cost MariaDB ≈ 30 % of its
-/// CPU per miss.
+/// every execution (an `OR` on a nullable indexed column), which cost MariaDB about a third
+/// of its CPU per miss.
 fn select_in(n: usize) -> &'static str {
     static SQL: OnceLock<Vec<String>> = OnceLock::new();
     let all = SQL.get_or_init(|| {
