@@ -57,7 +57,7 @@ impl CachedEntry {
     }
 
     pub fn is_expired(&self, now: Micros) -> bool {
-        self.expires_at.is_some_and(|e| e <= now)
+        !crate::store::live_at(self.expires_at, now)
     }
 }
 

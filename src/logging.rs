@@ -59,9 +59,9 @@ impl Sink {
         }
     }
 
-    /// Moves every buffered line to `out` (whole lines: a thread appends under the lock).
-    /// Moves every thread's lines into `out`, and forgets the buffers of threads that have
-    /// exited (tokio's blocking threads come and go).
+    /// Moves every thread's lines into `out` (whole lines: a thread appends under the lock),
+    /// and forgets the buffers of threads that have exited (tokio's blocking threads come and
+    /// go).
     fn drain_into(&self, out: &mut Vec<u8>) {
         let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
         buffers.retain(|b| {
@@ -70,10 +70,7 @@ impl Sink {
             let orphaned = Arc::strong_count(b) == 1;
             let mut buf = b.lock().unwrap_or_else(|p| p.into_inner());
             out.extend_from_slice(&buf);
-            buf.clear();
-            if buf.capacity() > BUFFER_KEEP_BYTES {
-                buf.shrink_to(BUFFER_KEEP_BYTES);
-            }
+            empty(&mut buf);
             !orphaned
         });
     }
@@ -118,6 +115,14 @@ impl Write for LineSender {
     }
 }
 
+/// Empties a buffer of lines, giving back what a burst grew it beyond `BUFFER_KEEP_BYTES`.
+fn empty(buf: &mut Vec<u8>) {
+    buf.clear();
+    if buf.capacity() > BUFFER_KEEP_BYTES {
+        buf.shrink_to(BUFFER_KEEP_BYTES);
+    }
+}
+
 /// The writer thread: every few milliseconds, takes every line buffered and writes them in
 /// one call. It polls rather than being woken: waking it per line would cost a context switch
 /// per request on a busy core (measured: cached GETs at 40 % of the rate).
@@ -141,10 +146,7 @@ fn write_lines(sink: Arc<Sink>, mut out: impl Write) {
         } else {
             // Nothing sensible to do when stdout fails: the lines are lost either way.
             let _ = out.write_all(&batch).and_then(|_| out.flush());
-            batch.clear();
-            if batch.capacity() > BUFFER_KEEP_BYTES {
-                batch.shrink_to(BUFFER_KEEP_BYTES);
-            }
+            empty(&mut batch);
             idle = POLL_MIN;
         }
         if stop {

@@ -373,8 +373,8 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
     Ok(resp)
 }
 
-/// The key of `/v1/keys/{key}`: percent-decoded, then validated.
-/// The key a path segment names, percent-decoded (borrowed when it has no escapes).
+/// The key of `/v1/keys/{key}`: percent-decoded (borrowed when it has no escapes), then
+/// validated.
 pub fn key_from_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, ApiError> {
     // A `%` must start an escape: `%A` or `%%41` is not a key spelling two paths could share.
     let b = raw.as_bytes();

@@ -43,10 +43,16 @@ pub struct Entry {
     pub expires_at: Option<Micros>,
 }
 
+/// Whether something that expires at `expires_at` (never: `None`) is still live at `now`:
+/// the one expiry rule of the service (an entry is gone from its `expires_at` on).
+pub fn live_at(expires_at: Option<Micros>, now: Micros) -> bool {
+    expires_at.is_none_or(|e| e > now)
+}
+
 impl Entry {
     /// Not expired at `now`.
     pub fn is_live(&self, now: Micros) -> bool {
-        self.expires_at.is_none_or(|e| e > now)
+        live_at(self.expires_at, now)
     }
 
     /// Strong validator: the revision is never reused, so no ABA across delete + re-create.
@@ -214,9 +220,9 @@ impl Store {
         // conditional writes and stats. More in flight means smaller batches, and a batch's
         // cost is mostly per statement: with four, reads averaged 7 keys a batch under 64
         // connections and MariaDB and the service together spent ≈ 15 % more CPU per miss
-        // (≈ 25 % per write) than with two. Two batches of up to 64 keys a round trip are far more
-        // than one replica's CPU can serve, and one slow batch (a write waiting for a row
-        // lock) still leaves the other going. The second batch waits to be half full while
+        // (≈ 25 % per write) than with two. Two batches of up to 64 keys a round trip are far
+        // more than one replica's CPU can serve, and one slow batch (a write waiting for a
+        // row lock) still leaves the other going. The second batch waits to be half full while
         // the first is in flight (`busy_min`, see store::coalesce).
         let limits = coalesce::Limits {
             workers: (config.db_pool_max / 4).clamp(1, 2),
@@ -678,8 +684,9 @@ impl Db {
     /// writes the entries (`INSERT … ON DUPLICATE KEY UPDATE`), which locks their rows, then
     /// logs the changes (`INSERT INTO kv_changes … VALUES (…), (…)`) and reads back their ids,
     /// the writes' revisions; a second sets the entries' revisions, reads back their versions
-    /// and, after the last round, bumps one counter row by the number of writes and commits. The n-th write of a key in the batch goes in round n, so a key
-    /// written twice gets two versions, in queue order. Results in the order of `puts`.
+    /// and, after the last round, bumps one counter row by the number of writes and commits.
+    /// The n-th write of a key in the batch goes in round n, so a key written twice gets two
+    /// versions, in queue order. Results in the order of `puts`.
     ///
     /// The ids are read back, not computed from `LAST_INSERT_ID()`: MySQL 8's default
     /// `innodb_autoinc_lock_mode = 2` does not promise consecutive ids to a multi-row insert.
@@ -936,7 +943,7 @@ async fn lock_row(
     Ok(row.map(|mut row| {
         let rev: Option<u64> = row.take(0);
         let expires: Option<Value> = row.take(1);
-        let live = expires.is_some_and(|e| time::from_sql(&e).is_none_or(|e| e > now));
+        let live = expires.is_some_and(|e| live_at(time::from_sql(&e), now));
         Current {
             live_rev: rev.filter(|_| live),
         }
