@@ -128,13 +128,15 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
             v.split(',')
                 .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
         });
-    let (item, source) = state.cache.get(key, bypass, &state.store).await?;
+    let (item, source) = state
+        .cache
+        .get(key, bypass, &state.store, time::now_micros())
+        .await?;
     let db_unreachable = !state
         .health
         .db_up
         .load(std::sync::atomic::Ordering::Relaxed);
     let cache_status = source.header(db_unreachable);
-    let item = item.filter(|i| !i.is_expired(time::now_micros()));
     let Some(item) = item else {
         let mut resp = ApiError::NotFound(format!("no key {key:?}")).into_response(req.id());
         resp.headers_mut()
@@ -143,24 +145,27 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
     };
     let not_modified = req
         .header(header::IF_NONE_MATCH)
-        .is_some_and(|v| none_match(v, item.etag.as_bytes()));
-    let mut resp = if not_modified {
-        let mut r = Response::new(Bytes::new().into());
-        *r.status_mut() = StatusCode::NOT_MODIFIED;
-        r
-    } else {
-        json_response(StatusCode::OK, item.body.clone())
-    };
-    entry_headers(resp.headers_mut(), &item);
+        .is_some_and(|v| none_match(v, item.etag()));
+    let mut resp = entry_response(StatusCode::OK, item);
+    if not_modified {
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        *resp.body_mut() = Bytes::new().into();
+        resp.headers_mut().remove(header::CONTENT_TYPE);
+    }
     resp.headers_mut()
         .insert(CACHE_STATUS.clone(), cache_status);
     Ok(resp)
 }
 
-fn entry_headers(h: &mut HeaderMap, item: &CachedEntry) {
-    h.insert(header::ETAG, item.etag.clone());
-    h.insert(header::LAST_MODIFIED, item.last_modified.clone());
+/// An entry's response: its document with `ETag`, `Last-Modified` and `Cache-Control`.
+fn entry_response(status: StatusCode, item: CachedEntry) -> Response {
+    let (etag, last_modified, body) = item.into_parts();
+    let mut resp = json_response(status, body);
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, etag);
+    h.insert(header::LAST_MODIFIED, last_modified);
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
 }
 
 async fn write(
@@ -203,14 +208,13 @@ async fn write(
             ))
         }
     };
-    let item = Arc::new(CachedEntry::new(&entry));
+    let item = CachedEntry::new(&entry);
     state
         .cache
         .put_written(&key, Some(item.clone()), entry.rev)
         .await;
     state.metrics.writes.with_label_values(&["upsert"]).inc();
-    let mut resp = json_response(status, item.body.clone());
-    entry_headers(resp.headers_mut(), &item);
+    let mut resp = entry_response(status, item);
     if status == StatusCode::CREATED {
         let location = format!("/v1/keys/{}", utf8_percent_encode(&key, KEY_PATH));
         if let Ok(v) = HeaderValue::from_str(&location) {

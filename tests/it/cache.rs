@@ -1,7 +1,6 @@
 //! The read-through cache: Cache-Status, bypass, negative caching, coalescing, byte budget,
 //! serving while the database is down, and the slow-loader invariant.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
@@ -9,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::common::proxy::{Mode, Proxy};
 use crate::common::*;
+use kvstore::time::now_micros;
 
 fn cache_status(r: &reqwest::Response) -> String {
     r.headers()["cache-status"].to_str().unwrap().to_string()
@@ -201,12 +201,18 @@ async fn a_slow_loader_never_overwrites_a_newer_write() {
     let state = slow_app.state();
     let slow_store = state.store.clone();
     let cache = &state.cache;
-    cache.get("race", true, &slow_store).await.unwrap();
+    cache
+        .get("race", true, &slow_store, now_micros())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     // The loader's SELECT runs now (reads "old"), but its answer is held back.
     proxy.set(Mode::HoldResponses);
     let loader = async {
-        let (item, _) = cache.get("race", true, &slow_store).await.unwrap();
+        let (item, _) = cache
+            .get("race", true, &slow_store, now_micros())
+            .await
+            .unwrap();
         item
     };
     let writer = async {
@@ -223,7 +229,7 @@ async fn a_slow_loader_never_overwrites_a_newer_write() {
             kvstore::store::WriteOutcome::Replaced(e) => e,
             other => panic!("{other:?}"),
         };
-        let item = Arc::new(kvstore::cache::CachedEntry::new(&e));
+        let item = kvstore::cache::CachedEntry::new(&e);
         let put = cache.put_written("race", Some(item), e.rev);
         let release = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -234,14 +240,17 @@ async fn a_slow_loader_never_overwrites_a_newer_write() {
     let (loaded, ()) = tokio::join!(loader, writer);
     let loaded = loaded.unwrap();
     assert!(
-        std::str::from_utf8(&loaded.body)
+        std::str::from_utf8(loaded.body())
             .unwrap()
             .contains("\"old\""),
         "the loader did read the old row"
     );
-    let (now, source) = cache.get("race", false, &slow_store).await.unwrap();
+    let (now, source) = cache
+        .get("race", false, &slow_store, now_micros())
+        .await
+        .unwrap();
     assert_eq!(source, kvstore::cache::Source::Hit);
-    let body = String::from_utf8(now.unwrap().body.to_vec()).unwrap();
+    let body = String::from_utf8(now.unwrap().body().to_vec()).unwrap();
     assert!(
         body.contains("\"new\""),
         "cache must hold the newer write, holds {body}"
