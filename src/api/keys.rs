@@ -44,48 +44,47 @@ const KEY_PATH: &AsciiSet = &NON_ALPHANUMERIC
 
 /// `/v1/keys` and `/v1/keys/{key}`, one warp route: a key costs one path match.
 pub async fn dispatch(tail: Tail, req: Req, body: Option<Body>, state: Arc<State>) -> Response {
-    if !tail.as_str().is_empty() {
-        item(tail.as_str(), req, body, &state).await
-    } else if req.route == route::KEYS {
-        collection(req, body, &state).await
-    } else {
+    let path = tail.as_str();
+    if path.is_empty() {
+        if req.route == route::KEYS {
+            // Boxed, like every path but a key's GET: their state machines are large, and a
+            // cached GET would otherwise carry (and copy) their size.
+            return Box::pin(collection(req, body, &state)).await;
+        }
         // `/v1/keys/` names the empty key, which is not a key.
         let e = ApiError::InvalidKey("the key is empty".into());
-        finish(&state, &req, route::KEY, Err(e))
+        return finish(&state, &req, route::KEY, Err(e));
     }
+    let r = match req.method {
+        Method::GET | Method::HEAD => match key_from_path(path) {
+            Ok(key) => get(&state, &req, &key).await,
+            Err(e) => Err(e),
+        },
+        _ => Box::pin(change(path, &req, body, &state)).await,
+    };
+    finish(&state, &req, route::KEY, r)
 }
 
-/// `/v1/keys/{key}`: GET, HEAD, PUT, DELETE.
-async fn item(path: &str, req: Req, body: Option<Body>, state: &State) -> Response {
-    let r = async {
-        let key = key_from_path(path)?;
-        match req.method {
-            Method::GET | Method::HEAD => get(state, &req, &key).await,
-            // Writes are boxed: their state machines are large, and a cached GET would
-            // otherwise carry (and copy) their size.
-            Method::PUT => {
-                Box::pin(async {
-                    auth::check_write(&state.config, &req)?;
-                    req.query_params(&[])?;
-                    let raw = read_body(body, &req.headers, state).await?;
-                    let parsed: PutBody = parse_json(&raw)?;
-                    write(
-                        state,
-                        &req,
-                        key.into_owned(),
-                        parsed.value,
-                        parsed.ttl_seconds,
-                    )
-                    .await
-                })
-                .await
-            }
-            Method::DELETE => Box::pin(delete(state, &req, &key)).await,
-            _ => Err(not_allowed(&req, ALLOW_KEY)),
+/// `/v1/keys/{key}`: PUT, DELETE (and the methods it does not allow).
+async fn change(
+    path: &str,
+    req: &Req,
+    body: Option<Body>,
+    state: &State,
+) -> Result<Response, ApiError> {
+    let key = key_from_path(path)?;
+    match req.method {
+        Method::PUT => {
+            auth::check_write(&state.config, req)?;
+            req.query_params(&[])?;
+            let raw = read_body(body, &req.headers, state).await?;
+            let parsed: PutBody = parse_json(&raw)?;
+            let value = parsed.value;
+            write(state, req, key.into_owned(), value, parsed.ttl_seconds).await
         }
+        Method::DELETE => delete(state, req, &key).await,
+        _ => Err(not_allowed(req, ALLOW_KEY)),
     }
-    .await;
-    finish(state, &req, route::KEY, r)
 }
 
 /// `/v1/keys`: GET/HEAD list, POST upsert.
