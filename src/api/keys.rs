@@ -379,8 +379,13 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
 /// The key of `/v1/keys/{key}`: percent-decoded (borrowed when it has no escapes), then
 /// validated.
 pub fn key_from_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, ApiError> {
-    // A `%` must start an escape: `%A` or `%%41` is not a key spelling two paths could share.
     let b = raw.as_bytes();
+    if !b.contains(&b'%') {
+        // Nothing to decode (most keys): the path is the key.
+        validate_key(raw)?;
+        return Ok(std::borrow::Cow::Borrowed(raw));
+    }
+    // A `%` must start an escape: `%A` or `%%41` is not a key spelling two paths could share.
     if b.iter().enumerate().any(|(i, c)| {
         *c == b'%'
             && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
@@ -409,7 +414,9 @@ pub fn validate_key(key: &str) -> Result<(), ApiError> {
             key.len()
         )));
     }
-    if key.chars().any(|c| c <= '\u{1f}' || c == '\u{7f}') {
+    // Bytes, not chars: control characters are ASCII, and UTF-8 never uses ASCII bytes inside
+    // a longer character.
+    if key.bytes().any(|b| b <= 0x1f || b == 0x7f) {
         return Err(ApiError::InvalidKey(
             "the key contains a control character".into(),
         ));
@@ -591,6 +598,25 @@ mod tests {
         assert_eq!(key_from_path("pct%A").unwrap_err().code(), "invalid_key");
         assert_eq!(key_from_path("pct%%41").unwrap_err().code(), "invalid_key");
         assert_eq!(key_from_path("100%25").unwrap(), "100%");
+        // Without escapes the path is the key, checked the same way.
+        assert_eq!(key_from_path("été/∑").unwrap(), "été/∑");
+        assert_eq!(
+            key_from_path("a\u{85}b").unwrap(),
+            "a\u{85}b",
+            "U+0085 is allowed"
+        );
+        for bad in ["a\u{1}b", "a\u{7f}b", "\t"] {
+            assert_eq!(
+                key_from_path(bad).unwrap_err().code(),
+                "invalid_key",
+                "{bad:?}"
+            );
+        }
+        assert!(key_from_path(&"k".repeat(512)).is_ok());
+        assert_eq!(
+            key_from_path(&"k".repeat(513)).unwrap_err().code(),
+            "invalid_key"
+        );
         assert!(validate_key(&"k".repeat(512)).is_ok());
         assert!(validate_key(&"k".repeat(513)).is_err());
         // 512 bytes is counted in bytes: 256 two-byte characters fit, 257 do not.
