@@ -68,6 +68,9 @@ NPROC=$(nproc)
 [ "$NPROC" -ge 2 ] || die "needs at least 2 CPUs (server and load generator on different cores); nproc=$NPROC"
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# The code measured: the commit, and whether the work tree differed from it.
+COMMIT="commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git diff --quiet HEAD -- 2>/dev/null || COMMIT="$COMMIT plus uncommitted changes"
 
 # --- build -------------------------------------------------------------------------------
 log "building release binaries (kvstore, benches/warp_ceiling, benches/mysql_raw)"
@@ -442,7 +445,7 @@ mkdir -p "$(dirname "$OUT")"
   echo "### kvstore benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "Machine: $NPROC CPUs, $CPU_MODEL; Linux $(uname -r); MariaDB $DB_VERSION;"\
-    "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'); kvstore $("$KVSTORE" --version | awk '{print $2, $3}');"\
+    "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'); kvstore $("$KVSTORE" --version | awk '{print $2}') at $COMMIT;"\
     "load average before the build $LOAD_AT_START (other work on the machine skews every figure)."
   echo "Pinning: the server under test (kvstore, warp_ceiling, mysql_raw) on core $SCORE, wrk on core $LCORE" \
     "(\`taskset\`), MariaDB ${DB_PINNING}; durable: innodb_flush_log_at_trx_commit=1, ext4."
