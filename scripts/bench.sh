@@ -358,7 +358,7 @@ for _ in $(seq 1 50); do grep -q '^listening' "$W/ceiling.log" && break; sleep 0
 CEIL_ADDR=$(awk '/^listening/ {print $2}' "$W/ceiling.log")
 [ -n "$CEIL_ADDR" ] || die "warp_ceiling did not start: $(cat "$W/ceiling.log")"
 # Measured right before and right after the cached GETs: on a shared VM the machine's speed
-# drifts within minutes (a run straight after the build measured 15-20 % below one a minute
+# drifts within minutes (a run straight after the build measured 4-18 % below one a minute
 # later), and the cached ratio compares runs seconds apart, under the same conditions.
 
 # --- database and keyspace ----------------------------------------------------------------
