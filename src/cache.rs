@@ -51,15 +51,11 @@ pub struct CachedEntry {
 
 impl CachedEntry {
     pub fn new(e: &Entry) -> CachedEntry {
-        let etag = e.etag();
-        let last_modified = time::http_date(e.updated_at);
-        let body = e.to_json();
-        let mut buf = Vec::with_capacity(etag.len() + last_modified.len() + body.len());
-        buf.extend_from_slice(etag.as_bytes());
-        buf.extend_from_slice(last_modified.as_bytes());
-        buf.extend_from_slice(&body);
-        let etag_end = etag.len();
-        let last_modified_end = etag_end + last_modified.len();
+        let mut buf = e.etag().into_bytes();
+        let etag_end = buf.len();
+        buf.extend_from_slice(time::http_date(e.updated_at).as_bytes());
+        let last_modified_end = buf.len();
+        e.write_json(&mut buf);
         CachedEntry {
             buf: Bytes::from(buf),
             // A quoted u64 and an IMF-fixdate: 22 and 29 bytes at most.

@@ -355,19 +355,18 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
         None
     };
 
-    let mut body =
-        BytesMut::with_capacity(64 + rows.iter().map(|e| e.value.len() + 200).sum::<usize>());
-    body.put_slice(b"{\"items\":[");
+    let mut body = Vec::with_capacity(64 + rows.iter().map(|e| e.value.len() + 200).sum::<usize>());
+    body.extend_from_slice(b"{\"items\":[");
     for (i, e) in rows.iter().enumerate() {
         if i > 0 {
-            body.put_u8(b',');
+            body.push(b',');
         }
-        body.put_slice(&e.to_json());
+        e.write_json(&mut body);
     }
-    body.put_slice(b"],\"next_cursor\":");
-    body.put_slice(&serde_json::to_vec(&next).expect("cursor json"));
-    body.put_u8(b'}');
-    let mut resp = json_response(StatusCode::OK, body.freeze());
+    body.extend_from_slice(b"],\"next_cursor\":");
+    serde_json::to_writer(&mut body, &next).expect("cursor json");
+    body.push(b'}');
+    let mut resp = json_response(StatusCode::OK, body);
     if let Some(c) = next {
         let link = format!("</v1/keys?cursor={c}&limit={limit}>; rel=\"next\"");
         resp.headers_mut()

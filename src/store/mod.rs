@@ -66,12 +66,12 @@ pub fn etag_of(rev: u64) -> String {
 }
 
 impl Entry {
-    /// The entry's JSON document, as every endpoint returns it. The stored value is
-    /// already validated compact JSON, so it is copied as is.
-    pub fn to_json(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.key.len() + self.value.len() + 160);
+    /// Appends the entry's JSON document, as every endpoint returns it, to `out`. The stored
+    /// value is already validated compact JSON, so it is copied as is.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.reserve(self.key.len() + self.value.len() + 160);
         out.extend_from_slice(b"{\"key\":");
-        serde_json::to_writer(&mut out, &self.key).expect("a string serializes");
+        serde_json::to_writer(&mut *out, &self.key).expect("a string serializes");
         out.extend_from_slice(b",\"value\":");
         out.extend_from_slice(self.value.as_bytes());
         out.extend_from_slice(b",\"version\":");
@@ -94,7 +94,6 @@ impl Entry {
             }
         }
         out.push(b'}');
-        out
     }
 }
 
