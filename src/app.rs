@@ -26,6 +26,7 @@ use warp::reply::Response;
 use crate::api::{self, Health, State};
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::logging::AccessLog;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -69,7 +70,7 @@ impl Running {
 
 /// Binds, starts every task and returns at once; shutdown is triggered through the
 /// returned handle (see `run_until_signal` for the process's own signal handling).
-pub async fn start(config: Config, log: Logger) -> std::io::Result<Running> {
+pub async fn start(config: Config, log: Logger, access: AccessLog) -> std::io::Result<Running> {
     let http = TcpListener::bind(config.listen_addr).await?;
     let metrics_listener = TcpListener::bind(config.metrics_addr).await?;
     let http_addr = http.local_addr()?;
@@ -84,6 +85,11 @@ pub async fn start(config: Config, log: Logger) -> std::io::Result<Running> {
         config.db_acquire_timeout + config.db_query_timeout,
         metrics.clone(),
     );
+    let access = if config.access_log {
+        access
+    } else {
+        AccessLog::off()
+    };
     let state = Arc::new(State {
         config,
         store,
@@ -91,6 +97,7 @@ pub async fn start(config: Config, log: Logger) -> std::io::Result<Running> {
         metrics,
         health: Health::default(),
         log: log.clone(),
+        access,
         version: VERSION,
         revision: REVISION,
     });
@@ -175,8 +182,12 @@ pub async fn start(config: Config, log: Logger) -> std::io::Result<Running> {
 }
 
 /// Runs until SIGTERM or SIGINT, then shuts down in order. A second signal exits at once.
-pub async fn run_until_signal(config: Config, log: Logger) -> std::io::Result<()> {
-    let running = start(config, log.clone()).await?;
+pub async fn run_until_signal(
+    config: Config,
+    log: Logger,
+    access: AccessLog,
+) -> std::io::Result<()> {
+    let running = start(config, log.clone(), access).await?;
     wait_for_signal().await;
     info!(
         log,

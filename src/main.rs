@@ -52,10 +52,10 @@ fn main() -> ExitCode {
         .thread_name("kvstore")
         .build()
         .expect("tokio runtime");
-    let (log, guard) = logging::init(config.log_level);
+    let (log, access, guard) = logging::init(config.log_level);
     let code = runtime.block_on(async {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => match app::run_until_signal(config, log.clone()).await {
+            Command::Serve => match app::run_until_signal(config, log.clone(), access).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     slog::error!(log, "cannot start"; "error" => e.to_string());

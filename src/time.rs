@@ -79,6 +79,26 @@ pub struct Rfc3339Micros([u8; 27]);
 
 impl Rfc3339Micros {
     pub fn new(us: Micros) -> Self {
+        // Log lines come many per second: the calendar fields are worked out once a second
+        // per thread, and only the microseconds written for each.
+        thread_local! {
+            static SECOND: std::cell::Cell<(i64, [u8; 27])> =
+                const { std::cell::Cell::new((i64::MIN, [0; 27])) };
+        }
+        let (second, micros) = (us.div_euclid(1_000_000), us.rem_euclid(1_000_000) as u32);
+        SECOND.with(|cell| {
+            let (cached, mut out) = cell.get();
+            if cached == second {
+                digits(&mut out[20..26], micros);
+            } else {
+                out = Self::format(us);
+                cell.set((second, out));
+            }
+            Rfc3339Micros(out)
+        })
+    }
+
+    fn format(us: Micros) -> [u8; 27] {
         let mut out = *b"0000-00-00T00:00:00.000000Z";
         match Civil::of(us) {
             Some(c) => {
@@ -100,11 +120,15 @@ impl Rfc3339Micros {
                 }
             }
         }
-        Rfc3339Micros(out)
+        out
     }
 
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("ASCII digits and separators")
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -205,6 +229,37 @@ mod tests {
             let dt = to_datetime(us);
             assert_eq!(rfc3339_micros(us), dt.format(rfc).unwrap(), "{us}");
             assert_eq!(http_date(us), dt.format(imf).unwrap(), "{us}");
+        }
+    }
+
+    /// Within a second only the microseconds are written afresh (a per-thread cache of the
+    /// rest): a run of instants inside, across and back into seconds, before 1970 too.
+    #[test]
+    fn instants_in_a_row_format_like_the_time_crate() {
+        let rfc = format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        );
+        let base = 1_795_377_288_000_000;
+        for us in [
+            base,
+            base + 1,
+            base + 999_999,
+            base + 1_000_000,
+            base + 5,
+            base - 1,
+            base + 123_456,
+            -1,
+            -999_999,
+            -1_000_000,
+            -1_000_001,
+            0,
+            999_999,
+        ] {
+            assert_eq!(
+                rfc3339_micros(us),
+                to_datetime(us).format(rfc).unwrap(),
+                "{us}"
+            );
         }
     }
 

@@ -77,6 +77,8 @@ pub struct State {
     pub metrics: Arc<Metrics>,
     pub health: Health,
     pub log: slog::Logger,
+    /// The access log (off with `KV_ACCESS_LOG=false`).
+    pub access: crate::logging::AccessLog,
     pub version: &'static str,
     pub revision: &'static str,
 }
@@ -338,16 +340,13 @@ where
     let status = resp.status().as_u16();
     let elapsed = start.elapsed();
     state.metrics.observe_http(method, route, status, elapsed);
-    if state.config.access_log {
-        let bytes = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-        slog::info!(state.log, #crate::logging::ACCESS_TAG, "request";
-            "request_id" => id.to_str().unwrap_or_default(),
-            "method" => method,
-            "route" => route,
-            "status" => status,
-            "duration_ms" => (elapsed.as_secs_f64() * 1e6).round() / 1e3,
-            "bytes" => bytes,
-        );
-    }
+    state.access.line(&crate::logging::Access {
+        id: id.as_bytes(),
+        method,
+        route,
+        status,
+        elapsed,
+        bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
+    });
     resp
 }

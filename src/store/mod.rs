@@ -87,7 +87,7 @@ impl Entry {
             match ts {
                 Some(t) => {
                     out.push(b'"');
-                    out.extend_from_slice(time::Rfc3339Micros::new(t).as_str().as_bytes());
+                    out.extend_from_slice(time::Rfc3339Micros::new(t).as_bytes());
                     out.push(b'"');
                 }
                 None => out.extend_from_slice(b"null"),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use kvstore::app::{self, Running};
 use kvstore::config::Config;
+use kvstore::logging::AccessLog;
 use mysql_async::prelude::*;
 use slog::Drain;
 
@@ -387,7 +388,8 @@ pub async fn spawn_app_on(db_url: &str, extra: &[(&str, &str)]) -> TestApp {
     }
     let config = Config::from_vars(&vars).expect("test config is valid");
     let logs = LogCapture::default();
-    let running = app::start(config, test_logger(&logs))
+    let log = test_logger(&logs);
+    let running = app::start(config, log.clone(), AccessLog::slog(log))
         .await
         .expect("service starts");
     let app = TestApp {
