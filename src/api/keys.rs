@@ -117,16 +117,19 @@ fn not_allowed(req: &Req, allow: &'static str) -> ApiError {
 async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> {
     auth::check_read(&state.config, req)?;
     req.query_params(&[])?;
-    let bypass = req
-        .headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .chain(req.headers.get_all(header::PRAGMA).iter())
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
-        });
+    // One pass over the request's headers (a handful, usually) rather than a lookup for
+    // each name: `no-cache` in any Cache-Control or Pragma, and the first If-None-Match.
+    let (mut bypass, mut if_none_match) = (false, None);
+    for (name, value) in &req.headers {
+        if name == header::CACHE_CONTROL || name == header::PRAGMA {
+            bypass |= value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
+            });
+        } else if name == header::IF_NONE_MATCH && if_none_match.is_none() {
+            if_none_match = Some(value);
+        }
+    }
     let (item, source) = state
         .cache
         .get(key, bypass, &state.store, time::now_micros())
@@ -142,8 +145,8 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
             .insert(CACHE_STATUS.clone(), cache_status);
         return Ok(resp);
     };
-    let not_modified = req
-        .header(header::IF_NONE_MATCH)
+    let not_modified = if_none_match
+        .and_then(|v| v.to_str().ok())
         .is_some_and(|v| none_match(v, item.etag()));
     let mut resp = entry_response(StatusCode::OK, item);
     if not_modified {

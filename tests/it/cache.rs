@@ -14,6 +14,42 @@ fn cache_status(r: &reqwest::Response) -> String {
     r.headers()["cache-status"].to_str().unwrap().to_string()
 }
 
+/// `no-cache` bypasses the cache in any of the forms HTTP allows: as one directive of a list,
+/// in a second Cache-Control header, any case, or as HTTP/1.0's `Pragma: no-cache`; other
+/// directives do not.
+#[tokio::test]
+async fn no_cache_in_any_form_bypasses() {
+    let (app, _db) = spawn_app(&[]).await;
+    app.get("/v1/keys/Homer").await;
+    let read = |headers: &'static [(&'static str, &'static str)]| {
+        let mut rb = app.client.get(app.url("/v1/keys/Homer"));
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        async move { cache_status(&rb.send().await.unwrap()) }
+    };
+    let bypassed = "kvstore; fwd=request; stored";
+    assert_eq!(
+        read(&[("cache-control", "max-age=0, No-Cache")]).await,
+        bypassed
+    );
+    assert_eq!(
+        read(&[
+            ("cache-control", "max-age=0"),
+            ("cache-control", "no-cache")
+        ])
+        .await,
+        bypassed
+    );
+    assert_eq!(read(&[("pragma", "no-cache")]).await, bypassed);
+    assert_eq!(
+        read(&[("cache-control", "max-age=0, no-store")]).await,
+        "kvstore; hit"
+    );
+    assert_eq!(read(&[("pragma", "no-cache-please")]).await, "kvstore; hit");
+    assert_eq!(read(&[]).await, "kvstore; hit");
+}
+
 #[tokio::test]
 async fn cache_status_and_no_cache_bypass() {
     let (app, db) = spawn_app(&[]).await;
