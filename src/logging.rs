@@ -354,8 +354,8 @@ fn json_string(buf: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// Whether a JSON string needs escapes: a control character (< 0x20), `"` or `\\`. Eight
-/// bytes at a time (a byte loop cost ≈ 5 instructions a byte, and each of the access line's
-/// dozen strings paid a loop set-up): a zero byte in `x ^ c` marks a `c`, and `x - 0x20…`
+/// bytes at a time (a byte loop cost ≈ 5 instructions a byte; the access line checks every
+/// request id with it): a zero byte in `x ^ c` marks a `c`, and `x - 0x20…`
 /// borrows into a byte's top bit only where it was below 0x20 (bytes ≥ 0x80 keep theirs,
 /// masked by `!x`). A short string is padded with spaces; a long one's last word overlaps.
 fn needs_escape(s: &[u8]) -> bool {
