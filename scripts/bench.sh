@@ -115,13 +115,13 @@ trap 'exit 130' INT TERM
 
 # --- helpers -------------------------------------------------------------------------------
 rss_mib() { awk '/^VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; } # user system (clock ticks)
 TCK=$(getconf CLK_TCK)
 metric() { # metric ADDR NAME -> value (0 if absent)
   curl -fsS "http://$1/metrics" | awk -v n="$2" '$1 == n {v = $2} END {printf "%d", v + 0}'
 }
 
-declare -A RPS P50 P99 ERR RSS CPU HIT DBC STEAL
+declare -A RPS REQS P50 P99 ERR RSS CPU CPUREQ HIT DBC STEAL
 # CPU time the hypervisor gave to other guests (/proc/stat "steal"), all CPUs, in ticks
 steal_ticks() { awk '$1 == "cpu" {print $9}' /proc/stat; }
 steal_pct() { awk -v a="$1" -v b="$2" -v t="$TCK" -v s="$SECS" -v n="$NPROC" 'BEGIN {printf "%.0f%%", 100 * (b - a) / t / s / n}'; }
@@ -140,11 +140,24 @@ parse_result() { # NAME LINE -> sets RPS P50 P99 ERR
   p99=$(sed -n 's/.*p99_us=\([0-9]*\).*/\1/p' <<<"$line")
   e1=$(sed -n 's/.*status_errors=\([0-9]*\).*/\1/p; s/.* errors=\([0-9]*\).*/\1/p' <<<"$line")
   e2=$(sed -n 's/.*socket_errors=\([0-9]*\).*/\1/p' <<<"$line")
+  REQS[$name]=$req
   RPS[$name]=$(awk -v r="$req" -v d="$dur" 'BEGIN {printf "%.0f", r / (d / 1e6)}')
   P50[$name]=$(awk -v v="$p50" 'BEGIN {printf "%.2f", v / 1000}')
   P99[$name]=$(awk -v v="$p99" 'BEGIN {printf "%.2f", v / 1000}')
   ERR[$name]=$(( ${e1:-0} + ${e2:-0} ))
   [ "${ERR[$name]}" = 0 ] || ANY_ERRORS=1
+}
+
+# cpu_use NAME "U0 S0" "U1 S1": the server's CPU over the run, as a share of wall time and as
+# user + system microseconds per request (the split says where a machine's time goes: the
+# kernel's share of a request differs between machines, and with it every ratio)
+cpu_use() {
+  local name=$1 a=$2 b=$3
+  CPU[$name]=$(awk -v a="$a" -v b="$b" -v t="$TCK" -v s="$SECS" 'BEGIN {
+    split(a, x, " "); split(b, y, " "); printf "%.0f%%", 100 * (y[1] + y[2] - x[1] - x[2]) / t / s}')
+  CPUREQ[$name]=$(awk -v a="$a" -v b="$b" -v t="$TCK" -v n="${REQS[$name]}" 'BEGIN {
+    split(a, x, " "); split(b, y, " ");
+    if (n == 0) print "–"; else printf "%.1f + %.1f", (y[1] - x[1]) * 1e6 / t / n, (y[2] - x[2]) * 1e6 / t / n}')
 }
 
 # wrk_run NAME SCRIPT BASE_URL PID METRICS_ADDR(or -): warm-up, then the measured run
@@ -170,7 +183,7 @@ wrk_run() {
   RSS[$name]=$(rss_mib "$pid")
   DBC[$name]="–"
   [ -n "$DBDIR" ] && DBC[$name]=$(( $(db_connections) - c0 - 1 ))
-  CPU[$name]=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v s="$SECS" 'BEGIN {printf "%.0f%%", 100 * (b - a) / t / s}')
+  cpu_use "$name" "$t0" "$t1"
   if [ "$maddr" != - ]; then
     local h1 m1
     h1=$(metric "$maddr" kvstore_cache_hits_total); m1=$(metric "$maddr" kvstore_cache_misses_total)
@@ -185,10 +198,10 @@ raw_run() {
   taskset -c "$SCORE" "$RAW" "$@" "$CONNS" "$SECS" "$POOL" >"$W/$name.txt" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
-  local t0 t1=0 rc=0 c0 s0
+  local t0 t1="0 0" rc=0 c0 s0
   c0=$(db_connections)
   s0=$(steal_ticks)
-  t0=$(cpu_ticks "$pid" 2>/dev/null || echo 0)
+  t0=$(cpu_ticks "$pid" 2>/dev/null || echo "0 0")
   # sample the CPU just before it exits: poll until the result line appears
   while kill -0 "$pid" 2>/dev/null; do
     t1=$(cpu_ticks "$pid" 2>/dev/null || echo "$t1")
@@ -200,7 +213,7 @@ raw_run() {
   parse_result "$name" "$(grep BENCH_RESULT "$W/$name.txt" || true)"
   RSS[$name]="–"; HIT[$name]="–"
   DBC[$name]=$(( $(db_connections) - c0 - 1 ))
-  CPU[$name]=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v s="$SECS" 'BEGIN {printf "%.0f%%", 100 * (b - a) / t / s}')
+  cpu_use "$name" "$t0" "$t1"
 }
 
 HTTP_ADDR="" METRICS_ADDR=""
@@ -436,7 +449,7 @@ TOTAL_ERR=0
 for k in "${!ERR[@]}"; do TOTAL_ERR=$((TOTAL_ERR + ERR[$k])); done
 
 row() { # LABEL KEY
-  echo "| $1 | ${RPS[$2]} | ${P50[$2]} | ${P99[$2]} | ${ERR[$2]} | ${RSS[$2]} | ${CPU[$2]} | ${HIT[$2]} | ${DBC[$2]} | ${STEAL[$2]} |"
+  echo "| $1 | ${RPS[$2]} | ${P50[$2]} | ${P99[$2]} | ${ERR[$2]} | ${RSS[$2]} | ${CPU[$2]} | ${CPUREQ[$2]} | ${HIT[$2]} | ${DBC[$2]} | ${STEAL[$2]} |"
 }
 MISS_CACHE_H=$(awk -v c="$MISS_CACHE" 'BEGIN {printf "%g MiB", c / 1048576}')
 CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
@@ -452,8 +465,8 @@ mkdir -p "$(dirname "$OUT")"
   echo "Each run: ${SECS} s after a ${WARM} s warm-up, wrk -t1 -c$CONNS (mysql_raw: $CONNS tasks), pool $POOL;" \
     "$HOT hot keys, $MISS keys for misses; values ≈ 85 B of JSON, entry documents ≈ 225 B."
   echo
-  echo "| scenario | req/s | p50 ms | p99 ms | errors | RSS MiB | server CPU | cache hits | DB conns opened | CPU steal |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| scenario | req/s | p50 ms | p99 ms | errors | RSS MiB | server CPU | server µs/req user + sys | cache hits | DB conns opened | CPU steal |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   row "baseline: warp ceiling, GET from a HashMap, right before (a)" ceiling
   row "baseline: warp ceiling again, right after (a)" ceiling2
   row "baseline: mysql_async point SELECT (no HTTP)" raw_select
@@ -475,7 +488,9 @@ mkdir -p "$(dirname "$OUT")"
   echo "| errors, all runs | $TOTAL_ERR | 0 | $(verdict [ "$TOTAL_ERR" = 0 ]) |"
   echo
   echo "errors = wrk socket errors + responses ≥ 400 (mysql_raw: failed queries); server CPU = CPU time of"\
-    "the server process / wall time (100% = the one core it is pinned to); cache hits = hits / (hits + misses)"\
+    "the server process / wall time (100% = the one core it is pinned to); server µs/req = its CPU time per"\
+    "request, user space + kernel (the kernel's part, sockets and TCP, is the same work for the service and"\
+    "the ceiling and its cost differs from machine to machine, so it moves every ratio); cache hits = hits / (hits + misses)"\
     "from kvstore_cache_{hits,misses}_total over the run; DB conns opened = MySQL connections opened during"\
     "the run (MariaDB status counter \`Connections\`; mysql_async counts 2 per connection, TCP then the Unix"\
     "socket it switches to; a warm pool opens ~0); CPU steal = share of the machine's CPU time the"\
