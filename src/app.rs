@@ -9,13 +9,16 @@
 //! flush logs. A second signal exits at once.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use slog::{error, info, warn, Logger};
 use tokio::net::TcpListener;
@@ -241,7 +244,8 @@ fn log_startup(state: &State, http: SocketAddr, metrics: SocketAddr) {
 }
 
 /// Accepts connections until told to stop; each is served over HTTP/1.1 with a header
-/// read timeout, and watched by the graceful-shutdown handle.
+/// read timeout (timed by its own [`ConnectionTimer`]), and watched by the graceful-shutdown
+/// handle.
 async fn accept_loop<H, F>(
     listener: TcpListener,
     handler: H,
@@ -254,10 +258,7 @@ async fn accept_loop<H, F>(
     F: std::future::Future<Output = Result<Response, Infallible>> + Send + 'static,
 {
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .keep_alive(true);
+    builder.header_read_timeout(header_timeout).keep_alive(true);
     loop {
         let stream = tokio::select! {
             _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
@@ -272,6 +273,8 @@ async fn accept_loop<H, F>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let mut builder = builder.clone();
+        builder.timer(ConnectionTimer::default());
         let conn = builder.serve_connection(
             TokioIo::new(stream),
             hyper::service::service_fn(handler.clone()),
@@ -282,6 +285,56 @@ async fn accept_loop<H, F>(
         });
     }
 }
+
+/// hyper's timer for one connection, which uses it only for the header read timeout. hyper
+/// asks for a new sleep each time it starts waiting for a request head, and drops it once the
+/// head is read: with hyper-util's `TokioTimer` that is a timer-wheel entry made, registered
+/// and removed per request. Here the connection keeps one tokio `Sleep`, and each of hyper's
+/// sleeps moves its deadline: later deadlines, the usual case, only extend the registered
+/// entry (one atomic operation in tokio; the wheel re-files it when the old time comes). The
+/// timeout fires at the deadline hyper asked for, as before.
+#[derive(Clone, Default)]
+struct ConnectionTimer {
+    sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+/// One of hyper's sleeps: a deadline on its connection's `Sleep`.
+struct HeadSleep {
+    deadline: tokio::time::Instant,
+    sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl hyper::rt::Timer for ConnectionTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(self.now() + duration)
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadSleep {
+            deadline: deadline.into(),
+            sleep: self.sleep.clone(),
+        })
+    }
+
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into()
+    }
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut slot = self.sleep.lock().unwrap_or_else(PoisonError::into_inner);
+        let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.deadline)));
+        if sleep.deadline() != self.deadline {
+            sleep.as_mut().reset(self.deadline);
+        }
+        sleep.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
 
 /// The metrics port: `/metrics` only.
 async fn metrics_endpoint(state: &State, req: Request<Incoming>) -> Response {
@@ -411,5 +464,59 @@ async fn invalidation_loop(state: Arc<State>) {
             }
         }
         gaps.retain(|(_, seen)| now.duration_since(*seen) < GAP_PATIENCE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::rt::Timer;
+
+    /// Waits for `sleep`, returning how long that took.
+    async fn waited(sleep: Pin<Box<dyn hyper::rt::Sleep>>) -> Duration {
+        let t = tokio::time::Instant::now();
+        sleep.await;
+        t.elapsed()
+    }
+
+    #[tokio::test]
+    async fn each_head_sleep_fires_at_its_own_deadline() {
+        let timer = ConnectionTimer::default();
+        let ms = Duration::from_millis;
+
+        // A sleep polled (so the connection's Sleep is registered), then dropped: a later one
+        // extends the deadline and does not fire at the first one's.
+        let mut first = timer.sleep(ms(100));
+        assert!(tokio::time::timeout(ms(20), &mut first).await.is_err());
+        drop(first);
+        let took = waited(timer.sleep(ms(250))).await;
+        assert!(took >= ms(250), "fired after {took:?}, before its deadline");
+        assert!(took < ms(1500), "fired after {took:?}");
+
+        // The connection's Sleep has fired: a new one is re-armed, it does not fire at once.
+        let took = waited(timer.sleep(ms(100))).await;
+        assert!(took >= ms(100), "fired after {took:?}, before its deadline");
+
+        // An earlier deadline than the one armed still fires on time.
+        let mut long = timer.sleep(ms(5000));
+        assert!(tokio::time::timeout(ms(20), &mut long).await.is_err());
+        drop(long);
+        let took = waited(timer.sleep(ms(50))).await;
+        assert!(took >= ms(50), "fired after {took:?}, before its deadline");
+        assert!(
+            took < ms(1500),
+            "fired after {took:?}: the earlier deadline was not armed"
+        );
+    }
+
+    #[tokio::test]
+    async fn connections_do_not_share_a_deadline() {
+        let ms = Duration::from_millis;
+        let (a, b) = (ConnectionTimer::default(), ConnectionTimer::default());
+        let mut long = a.sleep(ms(5000));
+        assert!(tokio::time::timeout(ms(20), &mut long).await.is_err());
+        let took = waited(b.sleep(ms(50))).await;
+        assert!(took < ms(1500), "fired after {took:?}");
+        assert!(tokio::time::timeout(ms(20), &mut long).await.is_err());
     }
 }
