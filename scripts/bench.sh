@@ -152,37 +152,40 @@ parse_result() { # NAME LINE -> sets RPS P50 P99 ERR
   [ "${ERR[$name]}" = 0 ] || ANY_ERRORS=1
 }
 
-# cpu_use NAME "U0 S0" "U1 S1": the server's CPU over the run, as a share of wall time and as
-# user + system microseconds per request (the split says where a machine's time goes: the
-# kernel's share of a request differs between machines, and with it every ratio)
+# cpu_cols USER SYS REQUESTS RUNS -> "CPU U S": the server's CPU ticks over RUNS runs as a share
+# of wall time, and as user and system microseconds per request (the split says where a
+# machine's time goes: the kernel's share of a request differs between machines, and with it
+# every ratio)
+cpu_cols() {
+  awk -v u="$1" -v s="$2" -v n="$3" -v k="$4" -v t="$TCK" -v secs="$SECS" 'BEGIN {
+    printf "%.0f%% ", 100 * (u + s) / t / secs / k
+    if (n == 0) print "– –"; else printf "%.1f %.1f\n", u * 1e6 / t / n, s * 1e6 / t / n}'
+}
+
+# cpu_use NAME "U0 S0" "U1 S1": the server's CPU over one run, from its ticks before and after
 cpu_use() {
-  local name=$1 a=$2 b=$3
-  UT[$name]=$(awk -v a="$a" -v b="$b" 'BEGIN {split(a, x, " "); split(b, y, " "); print y[1] - x[1]}')
-  ST[$name]=$(awk -v a="$a" -v b="$b" 'BEGIN {split(a, x, " "); split(b, y, " "); print y[2] - x[2]}')
-  CPU[$name]=$(awk -v a="$a" -v b="$b" -v t="$TCK" -v s="$SECS" 'BEGIN {
-    split(a, x, " "); split(b, y, " "); printf "%.0f%%", 100 * (y[1] + y[2] - x[1] - x[2]) / t / s}')
-  CPUREQ[$name]=$(awk -v a="$a" -v b="$b" -v t="$TCK" -v n="${REQS[$name]}" 'BEGIN {
-    split(a, x, " "); split(b, y, " ");
-    if (n == 0) print "–"; else printf "%.1f + %.1f", (y[1] - x[1]) * 1e6 / t / n, (y[2] - x[2]) * 1e6 / t / n}')
+  local name=$1 u s
+  read -r "UT[$name]" "ST[$name]" \
+    < <(awk -v a="$2" -v b="$3" 'BEGIN {split(a, x, " "); split(b, y, " "); print y[1] - x[1], y[2] - x[2]}')
+  read -r "CPU[$name]" u s < <(cpu_cols "${UT[$name]}" "${ST[$name]}" "${REQS[$name]}" 1)
+  CPUREQ[$name]="$u + $s"
 }
 
 # combine INTO NAME...: one row for several runs of one scenario: mean rate and p50, the worst
 # p99 and steal, every error, the CPU over all of them; RSS, cache hits and connections of the
 # last run
 combine() {
-  local into=$1 n rows="" u s
+  local into=$1 n rows="" ut st u s
   shift
   for n in "$@"; do
     rows+="${RPS[$n]} ${P50[$n]} ${P99[$n]} ${ERR[$n]} ${REQS[$n]} ${UT[$n]} ${ST[$n]} ${STEAL[$n]%\%}"$'\n'
   done
-  read -r "RPS[$into]" "P50[$into]" "P99[$into]" "ERR[$into]" "REQS[$into]" "CPU[$into]" u s "STEAL[$into]" \
-    < <(awk -v t="$TCK" -v secs="$SECS" 'NF {
+  read -r "RPS[$into]" "P50[$into]" "P99[$into]" "ERR[$into]" "REQS[$into]" ut st "STEAL[$into]" \
+    < <(awk 'NF {
           k++; rps += $1; p50 += $2; if ($3 > p99) p99 = $3; err += $4; req += $5; ut += $6; st += $7
           if ($8 > steal) steal = $8
-        } END {
-          printf "%.0f %.2f %.2f %d %d %.0f%% %.1f %.1f %s%%\n", rps / k, p50 / k, p99, err, req,
-            100 * (ut + st) / t / secs / k, ut * 1e6 / t / req, st * 1e6 / t / req, steal + 0
-        }' <<<"$rows")
+        } END {printf "%.0f %.2f %.2f %d %d %d %d %s%%\n", rps / k, p50 / k, p99, err, req, ut, st, steal + 0}' <<<"$rows")
+  read -r "CPU[$into]" u s < <(cpu_cols "$ut" "$st" "${REQS[$into]}" $#)
   CPUREQ[$into]="$u + $s"
   n=${*: -1}
   RSS[$into]=${RSS[$n]:-–}; HIT[$into]=${HIT[$n]:-–}; DBC[$into]=${DBC[$n]:-–}
@@ -511,7 +514,7 @@ mkdir -p "$(dirname "$OUT")"
   row "baseline: warp ceiling, GET from a HashMap: $((ROUNDS + 1)) runs around (a) ($(rates "${CEIL_RUNS[@]}"))" ceiling
   row "baseline: mysql_async point SELECT (no HTTP)" raw_select
   row "baseline: mysql_async durable upsert (no HTTP)" raw_upsert
-  row "(a) cached GET, hot keys: $ROUNDS runs ($(rates "${CACHED_RUNS[@]}"))" cached
+  row "(a) cached GET, hot keys: $ROUNDS run$([ "$ROUNDS" = 1 ] || echo s) ($(rates "${CACHED_RUNS[@]}"))" cached
   row "(b) GET misses, $MISS_CACHE_H cache, $MISS keys" miss
   row "(c) durable PUT, distinct new keys" put
   row "(d) 90/10 GET/PUT mix, hot keys" mix
