@@ -440,14 +440,10 @@ raw_run raw_upsert upsert "$URL" "$BENCH_RUN_ID"
 # --- the service, default configuration -----------------------------------------------------
 log "kvstore (default configuration, access log to a file) on core $SCORE"
 start_service kvstore-default
-CEIL_RUNS=() CACHED_RUNS=() ROUND_RATIOS=()
+CEIL_RUNS=() CACHED_RUNS=()
 for r in $(seq 0 "$ROUNDS"); do
   wrk_run "ceiling$r" "$W/get_hot.lua" "http://$CEIL_ADDR" "$CEIL_PID" -
   CEIL_RUNS+=("ceiling$r")
-  if [ "$r" -gt 0 ]; then # the (a) run before this ceiling run, against the two around it
-    ROUND_RATIOS+=("$(awk -v s="${RPS[cached$r]}" -v a="${RPS[ceiling$((r - 1))]}" -v b="${RPS[ceiling$r]}" \
-      'BEGIN {printf "%.2f", s / ((a + b) / 2)}')")
-  fi
   [ "$r" = "$ROUNDS" ] && break
   warm_hot
   wrk_run "cached$((r + 1))" "$W/get_hot.lua" "http://$HTTP_ADDR" "$SVC_PID" "$METRICS_ADDR"
@@ -479,7 +475,12 @@ le() { awk -v a="$1" -v b="$2" 'BEGIN {exit !(a <= b)}'; }
 MISSED=0
 verdict() { if "$@"; then echo "yes"; else echo "**no**"; fi; }
 
-# the median of the rounds' ratios
+# each (a) run against the mean of the two ceiling runs around it; the target takes the median
+ROUND_RATIOS=()
+for r in $(seq 1 "$ROUNDS"); do
+  before=ceiling$((r - 1)) after=ceiling$r
+  ROUND_RATIOS+=("$(ratio "${RPS[cached$r]}" "$(((RPS[$before] + RPS[$after]) / 2))")")
+done
 R_CACHED=$(printf '%s\n' "${ROUND_RATIOS[@]}" | sort -g | awk '{v[NR] = $1} END {
   printf "%.2f", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}')
 join_list() { local v out=""; for v in "$@"; do out+="${out:+, }$v"; done; echo "$out"; }
