@@ -125,7 +125,11 @@ metric() { # metric ADDR NAME -> value (0 if absent)
   curl -fsS "http://$1/metrics" | awk -v n="$2" '$1 == n {v = $2} END {printf "%d", v + 0}'
 }
 
-declare -A RPS REQS P50 P99 ERR RSS CPU CPUREQ UT ST HIT DBC STEAL
+declare -A RPS REQS P50 P99 ERR RSS CPU CPUREQ UT ST HIT DBC STEAL WT WRK
+# CPU ticks (user + system) of this shell's reaped children: around a wrk run, wrk's own
+children_ticks() { awk '{print $16 + $17}' "/proc/$$/stat"; }
+# wrk_cpu TICKS RUNS -> wrk's CPU time as a share of the wall time of RUNS runs (100% = its core)
+wrk_cpu() { awk -v w="$1" -v k="$2" -v t="$TCK" -v s="$SECS" 'BEGIN {printf "%.0f%%", 100 * w / t / s / k}'; }
 # CPU time the hypervisor gave to other guests (/proc/stat "steal"), all CPUs, in ticks
 steal_ticks() { awk '$1 == "cpu" {print $9}' /proc/stat; }
 steal_pct() { awk -v a="$1" -v b="$2" -v t="$TCK" -v s="$SECS" -v n="$NPROC" 'BEGIN {printf "%.0f%%", 100 * (b - a) / t / s / n}'; }
@@ -172,21 +176,23 @@ cpu_use() {
 }
 
 # combine INTO NAME...: one row for several runs of one scenario: mean rate and p50, the worst
-# p99 and steal, every error, the CPU over all of them; RSS, cache hits and connections of the
+# p99 and steal, every error, the server's and wrk's CPU over all of them; RSS, cache hits and connections of the
 # last run
 combine() {
   local into=$1 n rows="" ut st u s
   shift
   for n in "$@"; do
-    rows+="${RPS[$n]} ${P50[$n]} ${P99[$n]} ${ERR[$n]} ${REQS[$n]} ${UT[$n]} ${ST[$n]} ${STEAL[$n]%\%}"$'\n'
+    rows+="${RPS[$n]} ${P50[$n]} ${P99[$n]} ${ERR[$n]} ${REQS[$n]} ${UT[$n]} ${ST[$n]} ${STEAL[$n]%\%} ${WT[$n]}"$'\n'
   done
-  read -r "RPS[$into]" "P50[$into]" "P99[$into]" "ERR[$into]" "REQS[$into]" ut st "STEAL[$into]" \
+  read -r "RPS[$into]" "P50[$into]" "P99[$into]" "ERR[$into]" "REQS[$into]" ut st "STEAL[$into]" "WT[$into]" \
     < <(awk 'NF {
           k++; rps += $1; p50 += $2; if ($3 > p99) p99 = $3; err += $4; req += $5; ut += $6; st += $7
           if ($8 > steal) steal = $8
-        } END {printf "%.0f %.2f %.2f %d %d %d %d %s%%\n", rps / k, p50 / k, p99, err, req, ut, st, steal + 0}' <<<"$rows")
+          wt += $9
+        } END {printf "%.0f %.2f %.2f %d %d %d %d %s%% %d\n", rps / k, p50 / k, p99, err, req, ut, st, steal + 0, wt}' <<<"$rows")
   read -r "CPU[$into]" u s < <(cpu_cols "$ut" "$st" "${REQS[$into]}" $#)
   CPUREQ[$into]="$u + $s"
+  WRK[$into]=$(wrk_cpu "${WT[$into]}" $#)
   n=${*: -1}
   RSS[$into]=${RSS[$n]:-–}; HIT[$into]=${HIT[$n]:-–}; DBC[$into]=${DBC[$n]:-–}
 }
@@ -205,10 +211,14 @@ wrk_run() {
     h0=$(metric "$maddr" kvstore_cache_hits_total); m0=$(metric "$maddr" kvstore_cache_misses_total)
   fi
   log "run $name (${SECS}s, $CONNS connections)"
+  local w0
+  w0=$(children_ticks)
   taskset -c "$LCORE" wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -s "$script" "$url" >"$W/$name.txt" 2>&1 \
     || die "wrk failed for $name: $(cat "$W/$name.txt")"
   local t1
   t1=$(cpu_ticks "$pid")
+  WT[$name]=$(($(children_ticks) - w0))
+  WRK[$name]=$(wrk_cpu "${WT[$name]}" 1)
   STEAL[$name]=$(steal_pct "$s0" "$(steal_ticks)")
   parse_result "$name" "$(grep BENCH_RESULT "$W/$name.txt" || true)"
   RSS[$name]=$(rss_mib "$pid")
@@ -242,7 +252,7 @@ raw_run() {
   STEAL[$name]=$(steal_pct "$s0" "$(steal_ticks)")
   [ "$rc" = 0 ] || die "mysql_raw $name failed: $(cat "$W/$name.txt")"
   parse_result "$name" "$(grep BENCH_RESULT "$W/$name.txt" || true)"
-  RSS[$name]="–"; HIT[$name]="–"
+  RSS[$name]="–"; HIT[$name]="–"; WRK[$name]="–"
   DBC[$name]=$(( $(db_connections) - c0 - 1 ))
   cpu_use "$name" "$t0" "$t1"
 }
@@ -494,7 +504,7 @@ TOTAL_ERR=0
 for k in ceiling raw_select raw_upsert cached miss put mix list; do TOTAL_ERR=$((TOTAL_ERR + ERR[$k])); done
 
 row() { # LABEL KEY
-  echo "| $1 | ${RPS[$2]} | ${P50[$2]} | ${P99[$2]} | ${ERR[$2]} | ${RSS[$2]} | ${CPU[$2]} | ${CPUREQ[$2]} | ${HIT[$2]} | ${DBC[$2]} | ${STEAL[$2]} |"
+  echo "| $1 | ${RPS[$2]} | ${P50[$2]} | ${P99[$2]} | ${ERR[$2]} | ${RSS[$2]} | ${CPU[$2]} | ${CPUREQ[$2]} | ${WRK[$2]} | ${HIT[$2]} | ${DBC[$2]} | ${STEAL[$2]} |"
 }
 MISS_CACHE_H=$(awk -v c="$MISS_CACHE" 'BEGIN {printf "%g MiB", c / 1048576}')
 CPU_MODEL=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
@@ -510,8 +520,8 @@ mkdir -p "$(dirname "$OUT")"
   echo "Each run: ${SECS} s after a ${WARM} s warm-up, wrk -t1 -c$CONNS (mysql_raw: $CONNS tasks), pool $POOL;" \
     "$HOT hot keys, $MISS keys for misses; values ≈ 85 B of JSON, entry documents ≈ 225 B."
   echo
-  echo "| scenario | req/s | p50 ms | p99 ms | errors | RSS MiB | server CPU | server µs/req user + sys | cache hits | DB conns opened | CPU steal |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| scenario | req/s | p50 ms | p99 ms | errors | RSS MiB | server CPU | server µs/req user + sys | wrk CPU | cache hits | DB conns opened | CPU steal |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   row "baseline: warp ceiling, GET from a HashMap: $((ROUNDS + 1)) runs around (a) ($(rates "${CEIL_RUNS[@]}"))" ceiling
   row "baseline: mysql_async point SELECT (no HTTP)" raw_select
   row "baseline: mysql_async durable upsert (no HTTP)" raw_upsert
@@ -536,8 +546,11 @@ mkdir -p "$(dirname "$OUT")"
   echo
   echo "errors = wrk socket errors + responses ≥ 400 (mysql_raw: failed queries); server CPU = CPU time of"\
     "the server process / wall time (100% = the one core it is pinned to); server µs/req = its CPU time per"\
-    "request, user space + kernel (the kernel's part, sockets and TCP, is the same work for the service and"\
-    "the ceiling and its cost differs from machine to machine, so it moves every ratio); cache hits = hits / (hits + misses)"\
+    "request, user space + kernel (the kernel's part, sockets and TCP, costs differently from machine to"\
+    "machine, so it moves every ratio); wrk CPU = wrk's CPU time / wall time (100% = its core): where it is"\
+    "well below 100% wrk is often asleep when a response arrives, and the server's kernel pays for waking it"\
+    "(an inter-processor interrupt, dear in a VM), so a slower server also pays more kernel time per request;"\
+    "cache hits = hits / (hits + misses)"\
     "from kvstore_cache_{hits,misses}_total over the run; DB conns opened = MySQL connections opened during"\
     "the run (MariaDB status counter \`Connections\`; mysql_async counts 2 per connection, TCP then the Unix"\
     "socket it switches to; a warm pool opens ~0); CPU steal = share of the machine's CPU time the"\
