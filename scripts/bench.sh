@@ -32,6 +32,7 @@
 #   BENCH_SERVER_CORE=0 BENCH_LOAD_CORE=1
 #   BENCH_DB_CORES=$BENCH_SERVER_CORE  MariaDB's cores (taskset list); empty: not pinned
 #   BENCH_OUT=bench-results/latest.md
+#   BENCH_GLIBC_TUNABLES=<the image's>  GLIBC_TUNABLES of the three servers (empty: glibc's defaults)
 #   BENCH_STRICT=0            1: exit 1 when a target is missed (errors always fail the run)
 #   BENCH_KEEP=0              1: keep the work directory (logs, wrk output)
 set -euo pipefail
@@ -56,6 +57,9 @@ else
   DB_PINNING="unpinned"
 fi
 DEFAULT_CACHE=67108864
+# glibc's malloc settings as the image sets them (Dockerfile), given to the three server
+# programs alike: the service is measured as it ships, against baselines on the same allocator.
+TUNABLES=${BENCH_GLIBC_TUNABLES-$(sed -n 's/^ENV GLIBC_TUNABLES=//p' Dockerfile)}
 
 die() { echo "bench: $*" >&2; exit 1; }
 log() { echo "bench: $*" >&2; }
@@ -236,7 +240,7 @@ wrk_run() {
 raw_run() {
   local name=$1; shift
   log "run $name (${SECS}s, concurrency $CONNS, pool $POOL)"
-  taskset -c "$SCORE" "$RAW" "$@" "$CONNS" "$SECS" "$POOL" >"$W/$name.txt" 2>&1 &
+  GLIBC_TUNABLES=$TUNABLES taskset -c "$SCORE" "$RAW" "$@" "$CONNS" "$SECS" "$POOL" >"$W/$name.txt" 2>&1 &
   local pid=$!
   PIDS+=("$pid")
   local t0 t1="0 0" rc=0 c0 s0
@@ -261,7 +265,7 @@ HTTP_ADDR="" METRICS_ADDR=""
 start_service() { # NAME [ENV=VALUE...]
   local name=$1; shift
   env KV_DATABASE_URL="$URL" KV_LISTEN_ADDR=127.0.0.1:0 KV_METRICS_ADDR=127.0.0.1:0 \
-    KV_DB_POOL_MAX="$POOL" KV_SHUTDOWN_DELAY=0s "$@" \
+    KV_DB_POOL_MAX="$POOL" KV_SHUTDOWN_DELAY=0s GLIBC_TUNABLES="$TUNABLES" "$@" \
     taskset -c "$SCORE" "$KVSTORE" >"$W/$name.log" 2>"$W/$name.err" &
   SVC_PID=$!
   PIDS+=("$SVC_PID")
@@ -405,7 +409,7 @@ EOF
 # --- the warp ceiling: started now, measured around (a) -------------------------------------
 log "work directory: $W"
 log "warp ceiling on core $SCORE, wrk on core $LCORE"
-BENCH_KEYS=$HOT taskset -c "$SCORE" "$CEILING" 127.0.0.1:0 >"$W/ceiling.log" 2>&1 &
+BENCH_KEYS=$HOT GLIBC_TUNABLES=$TUNABLES taskset -c "$SCORE" "$CEILING" 127.0.0.1:0 >"$W/ceiling.log" 2>&1 &
 CEIL_PID=$!
 PIDS+=("$CEIL_PID")
 for _ in $(seq 1 50); do grep -q '^listening' "$W/ceiling.log" && break; sleep 0.1; done
@@ -516,7 +520,8 @@ mkdir -p "$(dirname "$OUT")"
     "$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}'); kvstore $("$KVSTORE" --version | awk '{print $2}') at $COMMIT;"\
     "load average before the build $LOAD_AT_START (other work on the machine skews every figure)."
   echo "Pinning: the server under test (kvstore, warp_ceiling, mysql_raw) on core $SCORE, wrk on core $LCORE" \
-    "(\`taskset\`), MariaDB ${DB_PINNING}; durable: innodb_flush_log_at_trx_commit=1, ext4."
+    "(\`taskset\`), MariaDB ${DB_PINNING}; durable: innodb_flush_log_at_trx_commit=1, ext4;"\
+    "the three servers with GLIBC_TUNABLES=${TUNABLES:-(none)}, THP $(grep -o '\[[a-z]*\]' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo unknown)."
   echo "Each run: ${SECS} s after a ${WARM} s warm-up, wrk -t1 -c$CONNS (mysql_raw: $CONNS tasks), pool $POOL;" \
     "$HOT hot keys, $MISS keys for misses; values ≈ 85 B of JSON, entry documents ≈ 225 B."
   echo
