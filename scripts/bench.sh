@@ -180,8 +180,8 @@ cpu_use() {
 }
 
 # combine INTO NAME...: one row for several runs of one scenario: mean rate and p50, the worst
-# p99 and steal, every error, the server's and wrk's CPU over all of them; RSS, cache hits and connections of the
-# last run
+# p99 and steal, every error, the server's and wrk's CPU over all of them; RSS, cache hits and
+# connections of the last run
 combine() {
   local into=$1 n rows="" ut st u s
   shift

@@ -289,9 +289,10 @@ fn unsafe_kill(pid: u32, sig: &str) {
 /// The image runs the service with glibc's malloc tuned (`ENV GLIBC_TUNABLES` in the
 /// Dockerfile): one arena for every thread, its heap advised for transparent huge pages.
 /// glibc silently ignores a tunable it does not know, so this checks the effect on the
-/// binary: with the image's setting, the anonymous mapping that holds the most memory (the
-/// cache's entries, allocated on the runtime's workers) is advised for huge pages (`hg` in
-/// `/proc/PID/smaps`); with glibc's defaults it is a worker's own arena, which is not.
+/// binary. With the image's setting, the anonymous mapping that holds the most memory (the
+/// cache's entries, allocated on the runtime's workers) is the main heap, and where the
+/// node's THP mode is `madvise` (glibc advises only then) it is advised for huge pages (`hg`
+/// in `/proc/PID/smaps`). With glibc's defaults it is a worker's own arena, not advised.
 #[tokio::test]
 async fn the_images_malloc_settings_put_the_cache_on_huge_pages() {
     let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile"))
@@ -300,10 +301,13 @@ async fn the_images_malloc_settings_put_the_cache_on_huge_pages() {
         .lines()
         .find_map(|l| l.strip_prefix("ENV GLIBC_TUNABLES="))
         .expect("the Dockerfile sets GLIBC_TUNABLES");
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let madvise_mode = thp.contains("[madvise]");
     let db = TestDb::new().await;
     let client = reqwest::Client::new();
     let value = serde_json::json!({ "value": "x".repeat(64 << 10) });
-    for (setting, advised) in [(tunables, true), ("", false)] {
+    for (setting, tuned) in [(tunables, true), ("", false)] {
         let mut served = serve_binary(&db.url, &[("GLIBC_TUNABLES", setting)]).await;
         // ≈ 4 MiB of entries in the cache: a write caches what it wrote, and a read hits it.
         for i in 0..64 {
@@ -316,14 +320,15 @@ async fn the_images_malloc_settings_put_the_cache_on_huge_pages() {
         let (mapping, rss_kib, flags) = largest_anonymous_mapping(served.child.id());
         served.child.kill().unwrap();
         let _ = served.child.wait();
-        // The entries' 4 MiB, split between at most a few arenas without the setting.
-        assert!(rss_kib >= 1 << 10, "{mapping}: {rss_kib} KiB");
-        assert_eq!(
-            flags.split_whitespace().any(|f| f == "hg"),
-            advised,
-            "GLIBC_TUNABLES={setting:?}: the largest anonymous mapping, {mapping} \
-             ({rss_kib} KiB), has VmFlags {flags}"
+        let what = format!(
+            "GLIBC_TUNABLES={setting:?}: the largest anonymous mapping is {mapping} \
+             ({rss_kib} KiB, VmFlags {flags}); THP mode {thp:?}"
         );
+        // The entries' 4 MiB, split between at most a few arenas without the setting.
+        assert!(rss_kib >= 1 << 10, "{what}");
+        assert_eq!(mapping.ends_with("[heap]"), tuned, "{what}");
+        let advised = flags.split_whitespace().any(|f| f == "hg");
+        assert_eq!(advised, tuned && madvise_mode, "{what}");
     }
 }
 
