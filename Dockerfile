@@ -58,8 +58,8 @@ COPY --from=builder /build/target/release/kvstore /usr/local/bin/kvstore
 # (median +7 %) in 24 interleaved pairs, the warp ceiling +1 %. It matters on nodes whose
 # THP mode is "madvise" (with "always" every heap gets huge pages anyway, with "never" none
 # does); an empty GLIBC_TUNABLES in the pod spec turns it off. One arena means threads share
-# malloc's lock when their per-thread caches miss: measured with two workers, not with more
-# (README, Operations notes).
+# malloc's lock when their per-thread caches miss: measured with one and two workers (the
+# manifests' CPU limits), not with more (README, Operations notes).
 ENV GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1
 
 # 65532 is distroless's "nonroot"; numeric so that Kubernetes' runAsNonRoot can verify it.
