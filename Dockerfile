@@ -51,17 +51,6 @@ LABEL org.opencontainers.image.title="kvstore" \
 
 COPY --from=builder /build/target/release/kvstore /usr/local/bin/kvstore
 
-# glibc's malloc (2.36 in this base): one arena for every thread, and that arena's heap
-# advised for transparent huge pages. A cache hit follows several pointers through moka's
-# entries, spread over the cache's whole budget; with 4 KiB pages most of those loads also
-# miss the TLB. Measured (README, Performance, eleventh round): cached GETs ≈ +4 % (30
-# interleaved pairs, each in favour, +0.5 to +15 %), the warp ceiling +1 %. It matters on
-# nodes whose THP mode is "madvise" (with "always" every heap gets huge pages anyway, with
-# "never" none does); an empty GLIBC_TUNABLES in the pod spec turns it off. One arena means
-# threads share malloc's lock when their per-thread caches miss: measured with one and two
-# workers (the manifests' CPU limits), not with more (README, Operations notes).
-ENV GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1
-
 # 65532 is distroless's "nonroot"; numeric so that Kubernetes' runAsNonRoot can verify it.
 USER 65532:65532
 

@@ -32,7 +32,7 @@
 #   BENCH_SERVER_CORE=0 BENCH_LOAD_CORE=1
 #   BENCH_DB_CORES=$BENCH_SERVER_CORE  MariaDB's cores (taskset list); empty: not pinned
 #   BENCH_OUT=bench-results/latest.md
-#   BENCH_GLIBC_TUNABLES=<the image's>  GLIBC_TUNABLES of the three servers (empty: glibc's defaults)
+#   BENCH_GLIBC_TUNABLES=     GLIBC_TUNABLES of the three servers (default none, as in the image)
 #   BENCH_STRICT=0            1: exit 1 when a target is missed (errors always fail the run)
 #   BENCH_KEEP=0              1: keep the work directory (logs, wrk output)
 set -euo pipefail
@@ -57,9 +57,9 @@ else
   DB_PINNING="unpinned"
 fi
 DEFAULT_CACHE=67108864
-# glibc's malloc settings as the image sets them (Dockerfile), given to the three server
-# programs alike: the service is measured as it ships, against baselines on the same allocator.
-TUNABLES=${BENCH_GLIBC_TUNABLES-$(sed -n 's/^ENV GLIBC_TUNABLES=//p' Dockerfile)}
+# glibc's malloc settings for experiments, given to the three server programs alike, so that
+# the baselines run on the same allocator as the service.
+TUNABLES=${BENCH_GLIBC_TUNABLES-}
 
 die() { echo "bench: $*" >&2; exit 1; }
 log() { echo "bench: $*" >&2; }

@@ -124,26 +124,17 @@ async fn migrate_and_import_commands() {
     assert_eq!(e["version"], 2, "import wrote over the seeded key");
 }
 
-/// The binary serving, as operators run it.
-struct Served {
-    child: std::process::Child,
-    /// `http://ADDR` of the API port.
-    http: String,
-    /// Its stdout lines, as they come.
-    rx: std::sync::mpsc::Receiver<String>,
-    /// The stdout lines read up to readiness.
-    lines: Vec<String>,
-}
-
-/// Starts the binary with `env` (on top of a clean `KV_*` environment, the database and port
-/// 0 for both listeners) and waits until `/readyz` says ready.
-async fn serve_binary(db_url: &str, env: &[(&str, &str)]) -> Served {
+#[tokio::test]
+async fn serves_logs_json_and_shuts_down_gracefully_on_sigterm() {
+    let db = TestDb::new().await;
+    let password_marker = db.url.clone();
     let mut cmd = Command::new(BIN);
     let mut child = clean_env(&mut cmd)
-        .env("KV_DATABASE_URL", db_url)
+        .env("KV_DATABASE_URL", &db.url)
         .env("KV_LISTEN_ADDR", "127.0.0.1:0")
         .env("KV_METRICS_ADDR", "127.0.0.1:0")
-        .envs(env.iter().copied())
+        .env("KV_SHUTDOWN_DELAY", "1s")
+        .env("KV_SHUTDOWN_TIMEOUT", "5s")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -180,29 +171,6 @@ async fn serve_binary(db_url: &str, env: &[(&str, &str)]) -> Served {
         assert!(Instant::now() < deadline, "not ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Served {
-        child,
-        http,
-        rx,
-        lines,
-    }
-}
-
-#[tokio::test]
-async fn serves_logs_json_and_shuts_down_gracefully_on_sigterm() {
-    let db = TestDb::new().await;
-    let password_marker = db.url.clone();
-    let Served {
-        mut child,
-        http,
-        rx,
-        mut lines,
-    } = serve_binary(
-        &db.url,
-        &[("KV_SHUTDOWN_DELAY", "1s"), ("KV_SHUTDOWN_TIMEOUT", "5s")],
-    )
-    .await;
-    let client = reqwest::Client::new();
     let r = client
         .get(format!("{http}/v1/keys/Homer"))
         .send()
@@ -284,82 +252,4 @@ fn unsafe_kill(pid: u32, sig: &str) {
         .status()
         .unwrap();
     assert!(st.success());
-}
-
-/// The image runs the service with glibc's malloc tuned (`ENV GLIBC_TUNABLES` in the
-/// Dockerfile): one arena for every thread, its heap advised for transparent huge pages.
-/// glibc silently ignores a tunable it does not know, so this checks the effect on the
-/// binary. With the image's setting, the anonymous mapping that holds the most memory (the
-/// cache's entries, allocated on the runtime's workers) is the main heap, and where the
-/// node's THP mode is `madvise` (glibc advises only then) it is advised for huge pages (`hg`
-/// in `/proc/PID/smaps`). With glibc's defaults it is a worker's own arena, not advised.
-#[tokio::test]
-async fn the_images_malloc_settings_put_the_cache_on_huge_pages() {
-    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile"))
-        .expect("read the Dockerfile");
-    let tunables = dockerfile
-        .lines()
-        .find_map(|l| l.strip_prefix("ENV GLIBC_TUNABLES="))
-        .expect("the Dockerfile sets GLIBC_TUNABLES");
-    let thp =
-        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
-    let madvise_mode = thp.contains("[madvise]");
-    let db = TestDb::new().await;
-    let client = reqwest::Client::new();
-    let value = serde_json::json!({ "value": "x".repeat(64 << 10) });
-    for (setting, tuned) in [(tunables, true), ("", false)] {
-        let mut served = serve_binary(&db.url, &[("GLIBC_TUNABLES", setting)]).await;
-        // ≈ 4 MiB of entries in the cache: a write caches what it wrote, and a read hits it.
-        for i in 0..64 {
-            let url = format!("{}/v1/keys/huge/{i}", served.http);
-            let r = client.put(&url).json(&value).send().await.unwrap();
-            assert!(r.status().is_success(), "PUT {url}: {}", r.status());
-            let r = client.get(&url).send().await.unwrap();
-            assert_eq!(r.headers()["cache-status"], "kvstore; hit", "{url}");
-        }
-        let (mapping, rss_kib, flags) = largest_anonymous_mapping(served.child.id());
-        served.child.kill().unwrap();
-        let _ = served.child.wait();
-        let what = format!(
-            "GLIBC_TUNABLES={setting:?}: the largest anonymous mapping is {mapping} \
-             ({rss_kib} KiB, VmFlags {flags}); THP mode {thp:?}"
-        );
-        // The entries' 4 MiB, split between at most a few arenas without the setting.
-        assert!(rss_kib >= 1 << 10, "{what}");
-        assert_eq!(mapping.ends_with("[heap]"), tuned, "{what}");
-        let advised = flags.split_whitespace().any(|f| f == "hg");
-        assert_eq!(advised, tuned && madvise_mode, "{what}");
-    }
-}
-
-/// The private, writable, anonymous mapping (the `[heap]` included) with the largest RSS
-/// in `/proc/PID/smaps`: its header line, its RSS in KiB and its `VmFlags`.
-fn largest_anonymous_mapping(pid: u32) -> (String, u64, String) {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("read smaps");
-    let mut largest = (String::new(), 0, String::new());
-    let mut current: Option<(&str, u64)> = None;
-    for line in smaps.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        match fields.first() {
-            Some(&"Rss:") => {
-                if let Some(c) = current.as_mut() {
-                    c.1 = fields[1].parse().expect("Rss in kB");
-                }
-            }
-            Some(&"VmFlags:") => {
-                if let Some((header, rss)) = current.take() {
-                    if rss > largest.1 {
-                        largest = (header.to_string(), rss, fields[1..].join(" "));
-                    }
-                }
-            }
-            Some(f) if !f.ends_with(':') => {
-                // A mapping's header: range, permissions, offset, device, inode[, path].
-                let anonymous = fields.len() < 6 || fields[5] == "[heap]";
-                current = (anonymous && fields[1] == "rw-p").then_some((line, 0));
-            }
-            _ => {}
-        }
-    }
-    largest
 }
