@@ -132,8 +132,8 @@ metric() { # metric ADDR NAME -> value (0 if absent)
 declare -A RPS REQS P50 P99 ERR RSS CPU CPUREQ UT ST HIT DBC STEAL WT WRK
 # CPU ticks (user + system) of this shell's reaped children: around a wrk run, wrk's own
 children_ticks() { awk '{print $16 + $17}' "/proc/$$/stat"; }
-# wrk_cpu TICKS RUNS -> wrk's CPU time as a share of the wall time of RUNS runs (100% = its core)
-wrk_cpu() { awk -v w="$1" -v k="$2" -v t="$TCK" -v s="$SECS" 'BEGIN {printf "%.0f%%", 100 * w / t / s / k}'; }
+# share TICKS RUNS -> CPU ticks as a share of the wall time of RUNS runs (100% = one core)
+share() { awk -v w="$1" -v k="$2" -v t="$TCK" -v s="$SECS" 'BEGIN {printf "%.0f%%", 100 * w / t / s / k}'; }
 # CPU time the hypervisor gave to other guests (/proc/stat "steal"), all CPUs, in ticks
 steal_ticks() { awk '$1 == "cpu" {print $9}' /proc/stat; }
 steal_pct() { awk -v a="$1" -v b="$2" -v t="$TCK" -v s="$SECS" -v n="$NPROC" 'BEGIN {printf "%.0f%%", 100 * (b - a) / t / s / n}'; }
@@ -165,8 +165,8 @@ parse_result() { # NAME LINE -> sets RPS P50 P99 ERR
 # machine's time goes: the kernel's share of a request differs between machines, and with it
 # every ratio)
 cpu_cols() {
-  awk -v u="$1" -v s="$2" -v n="$3" -v k="$4" -v t="$TCK" -v secs="$SECS" 'BEGIN {
-    printf "%.0f%% ", 100 * (u + s) / t / secs / k
+  printf '%s ' "$(share $(($1 + $2)) "$4")"
+  awk -v u="$1" -v s="$2" -v n="$3" -v t="$TCK" 'BEGIN {
     if (n == 0) print "– –"; else printf "%.1f %.1f\n", u * 1e6 / t / n, s * 1e6 / t / n}'
 }
 
@@ -196,7 +196,7 @@ combine() {
         } END {printf "%.0f %.2f %.2f %d %d %d %d %s%% %d\n", rps / k, p50 / k, p99, err, req, ut, st, steal + 0, wt}' <<<"$rows")
   read -r "CPU[$into]" u s < <(cpu_cols "$ut" "$st" "${REQS[$into]}" $#)
   CPUREQ[$into]="$u + $s"
-  WRK[$into]=$(wrk_cpu "${WT[$into]}" $#)
+  WRK[$into]=$(share "${WT[$into]}" $#)
   n=${*: -1}
   RSS[$into]=${RSS[$n]:-–}; HIT[$into]=${HIT[$n]:-–}; DBC[$into]=${DBC[$n]:-–}
 }
@@ -222,7 +222,7 @@ wrk_run() {
   local t1
   t1=$(cpu_ticks "$pid")
   WT[$name]=$(($(children_ticks) - w0))
-  WRK[$name]=$(wrk_cpu "${WT[$name]}" 1)
+  WRK[$name]=$(share "${WT[$name]}" 1)
   STEAL[$name]=$(steal_pct "$s0" "$(steal_ticks)")
   parse_result "$name" "$(grep BENCH_RESULT "$W/$name.txt" || true)"
   RSS[$name]=$(rss_mib "$pid")
