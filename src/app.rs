@@ -295,13 +295,16 @@ async fn accept_loop<H, F>(
 /// timeout fires at the deadline hyper asked for, as before.
 #[derive(Clone, Default)]
 struct ConnectionTimer {
-    sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    sleep: SharedSleep,
 }
+
+/// A connection's one `Sleep`, made when hyper first waits on it.
+type SharedSleep = Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>;
 
 /// One of hyper's sleeps: a deadline on its connection's `Sleep`.
 struct HeadSleep {
     deadline: tokio::time::Instant,
-    sleep: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
+    sleep: SharedSleep,
 }
 
 impl hyper::rt::Timer for ConnectionTimer {
