@@ -23,14 +23,16 @@ use hyper_util::server::graceful::GracefulShutdown;
 use slog::{error, info, warn, Logger};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use warp::http::{header, HeaderValue, Request, StatusCode};
+use warp::http::{header, HeaderValue, Request};
 use warp::reply::Response;
 
 use crate::api::{self, Health, State};
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::error::ApiError;
 use crate::logging::AccessLog;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
+use crate::refusal::{Recorder, RefusalIo};
 use crate::store::Store;
 
 /// Version and revision baked in by `build.rs`.
@@ -122,22 +124,19 @@ pub async fn start(config: Config, log: Logger, access: AccessLog) -> std::io::R
         let state = metrics_state.clone();
         async move { Ok::<_, Infallible>(metrics_endpoint(&state, req).await) }
     };
-    let header_timeout = state.config.header_read_timeout;
     let api_loop = tokio::spawn(accept_loop(
         http,
         api_handler,
         graceful.clone(),
         stop_accepting_rx.clone(),
-        header_timeout,
-        log.clone(),
+        state.clone(),
     ));
     let metrics_loop = tokio::spawn(accept_loop(
         metrics_listener,
         metrics_handler,
         graceful.clone(),
         stop_accepting_rx,
-        header_timeout,
-        log.clone(),
+        state.clone(),
     ));
 
     let background = vec![
@@ -244,21 +243,27 @@ fn log_startup(state: &State, http: SocketAddr, metrics: SocketAddr) {
 }
 
 /// Accepts connections until told to stop; each is served over HTTP/1.1 with a header
-/// read timeout (timed by its own [`ConnectionTimer`]), and watched by the graceful-shutdown
-/// handle.
+/// read timeout (timed by its own [`ConnectionTimer`]), hyper's own refusals rewritten as
+/// problem documents ([`RefusalIo`]), and watched by the graceful-shutdown handle.
 async fn accept_loop<H, F>(
     listener: TcpListener,
     handler: H,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
-    header_timeout: Duration,
-    log: Logger,
+    state: Arc<State>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<Response, Infallible>> + Send + 'static,
 {
+    let log = &state.log;
+    let recorder = Arc::new(Recorder {
+        metrics: state.metrics.clone(),
+        access: state.access.clone(),
+    });
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.header_read_timeout(header_timeout).keep_alive(true);
+    builder
+        .header_read_timeout(state.config.header_read_timeout)
+        .keep_alive(true);
     loop {
         let stream = tokio::select! {
             _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
@@ -276,7 +281,7 @@ async fn accept_loop<H, F>(
         let mut builder = builder.clone();
         builder.timer(ConnectionTimer::default());
         let conn = builder.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(RefusalIo::new(stream, recorder.clone())),
             hyper::service::service_fn(handler.clone()),
         );
         let watched = graceful.watch(conn);
@@ -339,20 +344,48 @@ impl Future for HeadSleep {
 
 impl hyper::rt::Sleep for HeadSleep {}
 
-/// The metrics port: `/metrics` only.
+/// The metrics port: `/metrics` only (GET or HEAD). Its responses carry a request id and an
+/// access line like the API's; they are not counted in the HTTP metrics, whose `route`
+/// label names the API's routes.
 async fn metrics_endpoint(state: &State, req: Request<Incoming>) -> Response {
-    if req.uri().path() != "/metrics" {
-        let mut r = Response::new("not found: this port serves /metrics only\n".into());
-        *r.status_mut() = StatusCode::NOT_FOUND;
-        return r;
-    }
-    state.cache.update_gauges().await;
-    let mut r = Response::new(state.metrics.render().into());
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    r
+    let start = Instant::now();
+    let id = api::request_id(req.headers());
+    let method = metrics::method_label(req.method());
+    let (route, refusal) = if req.uri().path() != "/metrics" {
+        let e = ApiError::NotFound("this port serves /metrics only".into());
+        (api::route::UNMATCHED, Some(e))
+    } else if !matches!(method, "GET" | "HEAD") {
+        let e = ApiError::MethodNotAllowed {
+            method: req.method().to_string(),
+            allow: "GET, HEAD",
+        };
+        (api::route::METRICS, Some(e))
+    } else {
+        (api::route::METRICS, None)
+    };
+    let mut resp = match refusal {
+        Some(e) => e.into_response(id.to_str().unwrap_or_default()),
+        None => {
+            state.cache.update_gauges().await;
+            let mut r = Response::new(state.metrics.render().into());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+    };
+    resp.headers_mut()
+        .insert(api::REQUEST_ID.clone(), id.clone());
+    state.access.line(&crate::logging::Access {
+        id: id.as_bytes(),
+        method,
+        route,
+        status: resp.status().as_u16(),
+        elapsed: start.elapsed(),
+        bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
+    });
+    resp
 }
 
 async fn migrate_until_done(state: Arc<State>) {

@@ -79,8 +79,8 @@ impl ApiError {
         }
     }
 
-    /// Renders the problem document. `request_id` is echoed so a user can quote it.
-    pub fn into_response(self, request_id: &str) -> Response {
+    /// The problem document (JSON). `request_id` is echoed so a user can quote it.
+    pub fn problem_json(&self, request_id: &str) -> Vec<u8> {
         let status = self.status();
         let doc = Problem {
             r#type: "about:blank",
@@ -90,7 +90,13 @@ impl ApiError {
             code: self.code(),
             request_id,
         };
-        let body = serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec());
+        serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec())
+    }
+
+    /// Renders the problem document as the response.
+    pub fn into_response(self, request_id: &str) -> Response {
+        let status = self.status();
+        let body = self.problem_json(request_id);
         let mut resp = Response::new(body.into());
         *resp.status_mut() = status;
         let h = resp.headers_mut();

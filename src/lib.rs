@@ -10,5 +10,6 @@ pub mod error;
 pub mod import;
 pub mod logging;
 pub mod metrics;
+pub mod refusal;
 pub mod store;
 pub mod time;

@@ -608,6 +608,7 @@ mod tests {
         for s in crate::metrics::METHODS
             .iter()
             .chain(&crate::api::route::ALL)
+            .chain([&crate::api::route::METRICS])
         {
             assert!(s.is_ascii() && !needs_escape(s.as_bytes()), "{s}");
         }

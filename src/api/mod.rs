@@ -36,6 +36,8 @@ pub mod route {
     pub const READYZ: &str = "/readyz";
     pub const OPENAPI: &str = "/openapi.json";
     pub const UNMATCHED: &str = "unmatched";
+    /// The metrics port's one route (access lines only: not a label of the HTTP metrics).
+    pub const METRICS: &str = "/metrics";
     /// Every template (`UNMATCHED` last).
     pub const ALL: [&str; 8] = [KEY, KEYS, STATS, ROOT, HEALTHZ, READYZ, OPENAPI, UNMATCHED];
 }
@@ -273,7 +275,7 @@ pub fn routes(
 }
 
 /// A request id from the client if it is sane (1–128 of `[A-Za-z0-9._:-]`), else a new one.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty()
@@ -284,6 +286,11 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
+    new_request_id()
+}
+
+/// A new request id: a random UUID, 32 lower-case hex digits.
+pub fn new_request_id() -> HeaderValue {
     let mut buf = [0u8; 32];
     let id = uuid::Uuid::new_v4().simple().encode_lower(&mut buf);
     HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(id.as_bytes()))

@@ -622,11 +622,205 @@ async fn metrics_use_route_templates_not_keys() {
     ] {
         assert!(text.contains(needle), "metrics lack {needle}");
     }
+}
+
+/// The metrics port answers like the API: a request id on every response, an access line,
+/// and problem documents for what it does not serve.
+#[tokio::test]
+async fn the_metrics_port_serves_metrics_only_and_refuses_with_problems() {
+    let (app, _db) = spawn_app(&[]).await;
+    let url = |path: &str| format!("{}{path}", app.metrics_base);
     let r = app
         .client
-        .get(format!("{}/other", app.metrics_base))
+        .get(url("/metrics"))
+        .header("x-request-id", "scrape-1")
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "scrape-1");
+    assert_problem(
+        app.client.get(url("/other")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+    let r = app.client.post(url("/metrics")).send().await.unwrap();
+    assert_eq!(r.headers()["allow"], "GET, HEAD");
+    assert_problem(r, 405, "method_not_allowed").await;
+    let line = access_line(&app, "scrape-1").await;
+    assert_eq!(
+        (line["route"].as_str(), line["status"].as_u64()),
+        (Some("/metrics"), Some(200))
+    );
+}
+
+/// Sends `request` as raw bytes and reads until the server closes the connection.
+async fn raw_exchange(app: &TestApp, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the server closes the connection")
+        .unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+/// Splits one response off `text`: status, lower-cased headers, body (by Content-Length).
+fn parse_response(text: &str) -> (u16, std::collections::HashMap<String, String>, &str, &str) {
+    let (head, rest) = text.split_once("\r\n\r\n").expect("a complete head");
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap()[9..12].parse().unwrap();
+    let headers: std::collections::HashMap<String, String> = lines
+        .map(|l| l.split_once(": ").unwrap())
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect();
+    let len: usize = headers["content-length"].parse().unwrap();
+    (status, headers, &rest[..len], &rest[len..])
+}
+
+/// The access line of request `id` (waits for the log writer).
+async fn access_line(app: &TestApp, id: &str) -> Value {
+    for _ in 0..50 {
+        let found = app.logs.lines().into_iter().find(|l| {
+            l.contains(&format!("\"request_id\":\"{id}\"")) && l.contains("\"msg\":\"request\"")
+        });
+        if let Some(line) = found {
+            return serde_json::from_str(&line).unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no access line for request {id}");
+}
+
+/// Requests hyper refuses before routing (not valid HTTP/1.1, a target over 64 KiB, over 100
+/// header fields) are answered 400 with a problem document, a request id and `connection:
+/// close`, and counted and logged like any other request.
+#[tokio::test]
+async fn refusals_of_the_http_layer_are_problem_documents() {
+    let (app, _db) = spawn_app(&[]).await;
+    let long_key = format!(
+        "GET /v1/keys/{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "k".repeat(70_000)
+    );
+    let long_other = format!("GET /x{} HTTP/1.1\r\nHost: x\r\n\r\n", "x".repeat(70_000));
+    let many_headers = format!(
+        "PUT /v1/keys/a HTTP/1.1\r\nHost: x\r\n{}\r\n",
+        (0..120)
+            .map(|i| format!("X-H{i}: 1\r\n"))
+            .collect::<String>()
+    );
+    let cases: [(&str, &[u8], &str, &str, &str); 6] = [
+        (
+            "garbage",
+            b"GARBAGE\r\n\r\n",
+            "invalid_request",
+            "OTHER",
+            "unmatched",
+        ),
+        (
+            "bad header line",
+            b"GET /v1/keys/a HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n",
+            "invalid_request",
+            "GET",
+            "/v1/keys/{key}",
+        ),
+        (
+            "bad Content-Length",
+            b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 1x\r\n\r\n",
+            "invalid_request",
+            "POST",
+            "unmatched",
+        ),
+        (
+            "key over 64 KiB",
+            long_key.as_bytes(),
+            "invalid_key",
+            "GET",
+            "/v1/keys/{key}",
+        ),
+        (
+            "target over 64 KiB",
+            long_other.as_bytes(),
+            "invalid_request",
+            "GET",
+            "unmatched",
+        ),
+        (
+            "120 header fields",
+            many_headers.as_bytes(),
+            "invalid_request",
+            "PUT",
+            "/v1/keys/{key}",
+        ),
+    ];
+    for (what, request, code, method, route) in cases {
+        let text = raw_exchange(&app, request).await;
+        let (status, headers, body, rest) = parse_response(&text);
+        assert_eq!(status, 400, "{what}: {text:.300}");
+        assert_eq!(
+            headers["content-type"], "application/problem+json",
+            "{what}"
+        );
+        assert_eq!(headers["connection"], "close", "{what}");
+        assert!(rest.is_empty(), "{what}: {rest:.200}");
+        let doc: Value = serde_json::from_str(body).unwrap();
+        let id = headers["x-request-id"].as_str();
+        assert_eq!(doc["code"], code, "{what}: {doc}");
+        assert_eq!(
+            (doc["status"].as_u64(), doc["request_id"].as_str()),
+            (Some(400), Some(id)),
+            "{what}"
+        );
+        assert_eq!(doc["type"], "about:blank");
+        assert!(
+            doc["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{what}"
+        );
+        let line = access_line(&app, id).await;
+        assert_eq!(line["status"], 400, "{what}");
+        assert_eq!(
+            (line["method"].as_str(), line["route"].as_str()),
+            (Some(method), Some(route)),
+            "{what}"
+        );
+        assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64), "{what}");
+    }
+    // Pipelined behind a good request: that one is answered, then the refusal, whose own
+    // method and target were never read apart from the first request's.
+    let text = raw_exchange(
+        &app,
+        b"GET /v1/keys/Homer HTTP/1.1\r\nHost: x\r\n\r\nGARBAGE\r\n\r\n",
+    )
+    .await;
+    let (status, _, body, rest) = parse_response(&text);
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(body).unwrap()["value"],
+        "Simpson"
+    );
+    let (status, headers, body, _) = parse_response(rest);
+    assert_eq!(status, 400);
+    assert_eq!(
+        serde_json::from_str::<Value>(body).unwrap()["code"],
+        "invalid_request"
+    );
+    let line = access_line(&app, &headers["x-request-id"]).await;
+    assert_eq!(
+        (line["method"].as_str(), line["route"].as_str()),
+        (Some("OTHER"), Some("unmatched"))
+    );
+    // Counted with the API's requests; the service still answers.
+    let text = app.metrics_text().await;
+    for series in [
+        r#"kvstore_http_requests_total{method="GET",route="/v1/keys/{key}",status_class="4xx"} 2"#,
+        r#"kvstore_http_requests_total{method="OTHER",route="unmatched",status_class="4xx"} 2"#,
+        r#"kvstore_http_requests_total{method="PUT",route="/v1/keys/{key}",status_class="4xx"} 1"#,
+    ] {
+        assert!(text.contains(series), "metrics lack {series}");
+    }
+    assert_eq!(app.get("/v1/keys/Homer").await.status(), 200);
 }

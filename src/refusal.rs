@@ -1,0 +1,388 @@
+//! hyper's own refusals, answered as problem documents like every other error.
+//!
+//! hyper refuses a request it cannot parse before the service sees it: not valid HTTP/1.1
+//! (request line, header syntax, `Content-Length`), a target over 64 KiB, a head over its
+//! buffer (≈ 400 KiB) or with over 100 header fields. It answers `400`, `414` or `431` with an
+//! empty body and `connection: close`, and offers no hook to change that response. So each
+//! connection's stream is wrapped in [`RefusalIo`]: a write that is exactly such a head is
+//! replaced by `400` with a problem document (`invalid_request`, or `invalid_key` for a key
+//! too long to be a request target) and a new request id, and the refusal is counted and
+//! logged like any other request (`route` "unmatched", or the key route). API.md's table maps
+//! `invalid_request` and `invalid_key` to 400, so the status is 400 for all three; the
+//! `detail` says which limit was hit.
+//!
+//! Cost for every other request: the first ten bytes of each write are compared, and the
+//! first bytes of a request (its method and the start of its target) are kept, with the time
+//! they arrived, when the read after a response brings them.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::api::route;
+use crate::error::ApiError;
+use crate::logging::{Access, AccessLog};
+use crate::metrics::{Metrics, METHODS};
+
+/// Bytes of a request kept to name its method and route ("DELETE /v1/keys/" is 16).
+const START: usize = 16;
+
+/// Where a refusal is recorded: the HTTP metrics and the access log.
+pub struct Recorder {
+    pub metrics: Arc<Metrics>,
+    pub access: AccessLog,
+}
+
+/// A connection's stream, with hyper's automatic refusals rewritten (see the module).
+pub struct RefusalIo<S> {
+    inner: S,
+    recorder: Arc<Recorder>,
+    /// The next bytes read start a request (set at accept and by every write), so the
+    /// current request's start is not known yet.
+    fresh: bool,
+    /// The first bytes of the current request, and when they came.
+    start: [u8; START],
+    started: Instant,
+    /// The replacement being written for hyper's refusal.
+    swap: Option<Swap>,
+}
+
+struct Swap {
+    bytes: Vec<u8>,
+    written: usize,
+    /// Length of hyper's head it stands for (reported written once the swap is).
+    replaces: usize,
+}
+
+impl<S> RefusalIo<S> {
+    pub fn new(inner: S, recorder: Arc<Recorder>) -> Self {
+        RefusalIo {
+            inner,
+            recorder,
+            fresh: true,
+            start: [0; START],
+            started: Instant::now(),
+            swap: None,
+        }
+    }
+
+    /// The response that stands for hyper's refusal with `status`: counted and
+    /// logged here, as `api::handle` does for the requests it answers.
+    fn replacement(&self, status: u16, tail: &[u8]) -> Vec<u8> {
+        // Nothing read since the last response: the refused request came with an earlier
+        // one (pipelined), and its start is unknown.
+        let (method, target) = if self.fresh {
+            ("OTHER", &b""[..])
+        } else {
+            request_start(&self.start)
+        };
+        let key = target.starts_with(b"/v1/keys/");
+        let error = match status {
+            414 if key => ApiError::InvalidKey(
+                "the key is longer than a request target may be (64 KiB); the limit is 512 bytes"
+                    .into(),
+            ),
+            414 => ApiError::InvalidRequest("the request target is longer than 64 KiB".into()),
+            431 => ApiError::InvalidRequest(
+                "the request head is too large: over 400 KiB, or over 100 header fields".into(),
+            ),
+            _ => ApiError::InvalidRequest(
+                "the request is not valid HTTP/1.1 (request line, header syntax or framing)".into(),
+            ),
+        };
+        let id = crate::api::new_request_id();
+        let id = id.to_str().unwrap_or_default();
+        let body = error.problem_json(id);
+        let mut out = Vec::with_capacity(256 + body.len());
+        out.extend_from_slice(b"HTTP/1.1 400 Bad Request\r\n");
+        out.extend_from_slice(b"content-type: application/problem+json\r\n");
+        out.extend_from_slice(b"cache-control: no-store\r\n");
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\nconnection: close\r\ncontent-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        // hyper's remaining lines (`date`, then the blank line) close the new head.
+        out.extend_from_slice(tail);
+        out.extend_from_slice(&body);
+
+        let route = if key { route::KEY } else { route::UNMATCHED };
+        let elapsed = self.started.elapsed();
+        let rec = &self.recorder;
+        rec.metrics.observe_http(method, route, 400, elapsed);
+        rec.access.line(&Access {
+            id: id.as_bytes(),
+            method,
+            route,
+            status: 400,
+            elapsed,
+            bytes: body.len() as u64,
+        });
+        out
+    }
+}
+
+/// What hyper writes before `date` in its automatic refusals: the status line, then these.
+const REFUSAL_HEADERS: &[u8] = b"connection: close\r\ncontent-length: 0\r\n";
+
+/// The status of `head` and its lines after [`REFUSAL_HEADERS`] (`date`, the blank line) if
+/// it is one of hyper's automatic refusals, byte for byte as hyper 1.x writes them (the
+/// service's own responses always start with `content-type`).
+fn automatic_refusal(head: &[u8]) -> Option<(u16, &[u8])> {
+    let rest = head.strip_prefix(b"HTTP/1.1 ")?;
+    let status = match rest.get(..4)? {
+        b"400 " => 400,
+        b"414 " => 414,
+        b"431 " => 431,
+        _ => return None,
+    };
+    let line = head.windows(2).position(|w| w == b"\r\n")? + 2;
+    let tail = head[line..].strip_prefix(REFUSAL_HEADERS)?;
+    head.ends_with(b"\r\n\r\n").then_some((status, tail))
+}
+
+/// The method label and the start of the target of a request's first bytes.
+fn request_start(start: &[u8]) -> (&'static str, &[u8]) {
+    let mut parts = start.splitn(2, |b| *b == b' ');
+    let method = parts.next().unwrap_or_default();
+    let target = parts.next().unwrap_or_default();
+    let label = METHODS[..METHODS.len() - 1]
+        .iter()
+        .find(|m| m.as_bytes() == method)
+        .unwrap_or(&"OTHER");
+    (label, target)
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for RefusalIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if this.fresh {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                let n = new.len().min(START);
+                this.start = [0; START];
+                this.start[..n].copy_from_slice(&new[..n]);
+                this.started = Instant::now();
+                this.fresh = false;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> RefusalIo<S> {
+    /// After a write: the next bytes read start a new request.
+    fn wrote(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = r {
+            self.fresh |= n > 0;
+        }
+        r
+    }
+
+    /// Writes the replacement for hyper's refusal `head`; done, it reports `head` written.
+    fn poll_swap(&mut self, cx: &mut Context<'_>, head: &[u8]) -> Poll<io::Result<usize>> {
+        if self.swap.is_none() {
+            let (status, tail) = automatic_refusal(head).unwrap_or((400, b"\r\n"));
+            let bytes = self.replacement(status, tail);
+            self.swap = Some(Swap {
+                bytes,
+                written: 0,
+                replaces: head.len(),
+            });
+        }
+        let swap = self.swap.as_mut().expect("set above");
+        while swap.written < swap.bytes.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &swap.bytes[swap.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            swap.written += n;
+        }
+        let replaces = swap.replaces;
+        self.swap = None;
+        Poll::Ready(Ok(replaces))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for RefusalIo<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = if this.swap.is_some() || automatic_refusal(buf).is_some() {
+            this.poll_swap(cx, buf)
+        } else {
+            Pin::new(&mut this.inner).poll_write(cx, buf)
+        };
+        this.wrote(written)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let first = bufs.iter().position(|b| !b.is_empty());
+        let written = if this.swap.is_some() {
+            // hyper offers the same head again after a `Pending`.
+            this.poll_swap(cx, first.map_or(&[][..], |i| &bufs[i]))
+        } else {
+            // A refusal is a head of its own; anything queued before it goes out first.
+            match bufs.iter().position(|b| automatic_refusal(b).is_some()) {
+                Some(i) if Some(i) == first => this.poll_swap(cx, &bufs[i]),
+                Some(i) => Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs[..i]),
+                None => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+            }
+        };
+        this.wrote(written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DATE: &[u8] = b"date: Tue, 01 Dec 2026 00:47:46 GMT\r\n\r\n";
+
+    fn hyper_refusal(status_line: &[u8]) -> Vec<u8> {
+        [status_line, REFUSAL_HEADERS, DATE].concat()
+    }
+
+    #[test]
+    fn only_hypers_own_refusals_are_recognised() {
+        for (line, status) in [
+            (&b"HTTP/1.1 400 Bad Request\r\n"[..], 400),
+            (b"HTTP/1.1 414 URI Too Long\r\n", 414),
+            (b"HTTP/1.1 431 Request Header Fields Too Large\r\n", 431),
+        ] {
+            assert_eq!(
+                automatic_refusal(&hyper_refusal(line)),
+                Some((status, DATE))
+            );
+        }
+        // The service's own responses, and anything cut short, pass through.
+        for other in [
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            hyper_refusal(b"HTTP/1.1 200 OK\r\n"),
+            hyper_refusal(b"HTTP/1.1 404 Not Found\r\n"),
+            hyper_refusal(b"HTTP/1.1 400 Bad Request\r\n")[..60].to_vec(),
+            b"HTTP/1.1 400".to_vec(),
+            b"{\"HTTP/1.1 400 \"}".to_vec(),
+            Vec::new(),
+        ] {
+            assert_eq!(automatic_refusal(&other), None, "{}", String::from_utf8_lossy(&other));
+        }
+    }
+
+    /// Through a pipe that takes 7 bytes at a time: what went before the refusal arrives
+    /// unchanged, then the whole problem document in its place; hyper is told its bytes
+    /// were written, and no more. The refusal is counted; nothing was read after the response
+    /// before it, so its request came pipelined behind the first and is not named.
+    #[tokio::test]
+    async fn a_refusal_is_replaced_whole_through_partial_writes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(7);
+        let metrics = Arc::new(Metrics::new("0", "test"));
+        let recorder = Arc::new(Recorder {
+            metrics: metrics.clone(),
+            access: AccessLog::off(),
+        });
+        let mut io = RefusalIo::new(server, recorder);
+        let reader = tokio::spawn(async move {
+            // What the pipe holds at once: the server reads it, then nothing more.
+            client.write_all(b"GET /v1").await.unwrap();
+            let mut out = Vec::new();
+            client.read_to_end(&mut out).await.unwrap();
+            out
+        });
+        let mut request = [0u8; 64];
+        let n = io.read(&mut request).await.unwrap();
+        assert!(n > 0);
+        let before = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec();
+        let refusal = hyper_refusal(b"HTTP/1.1 400 Bad Request\r\n");
+        let (mut a, mut b) = (&before[..], &refusal[..]);
+        let mut reported = 0;
+        while !a.is_empty() || !b.is_empty() {
+            let n = io
+                .write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])
+                .await
+                .unwrap();
+            assert!(n > 0 && n <= a.len() + b.len());
+            reported += n;
+            let from_a = n.min(a.len());
+            a = &a[from_a..];
+            b = &b[n - from_a..];
+        }
+        assert_eq!(reported, before.len() + refusal.len());
+        io.shutdown().await.unwrap();
+        let out = reader.await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let (first, rest) = text.split_at(before.len());
+        assert_eq!(first.as_bytes(), &before[..]);
+        let (head, body) = rest.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with(
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\n"
+            ),
+            "{head}"
+        );
+        assert!(head.ends_with("\r\nconnection: close\r\ncontent-length: 216\r\ndate: Tue, 01 Dec 2026 00:47:46 GMT"), "{head}");
+        let doc: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(doc["code"], "invalid_request");
+        assert_eq!(doc["status"], 400);
+        assert!(head.contains(&format!(
+            "\r\nx-request-id: {}\r\n",
+            doc["request_id"].as_str().unwrap()
+        )));
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains(r#"kvstore_http_requests_total{method="OTHER",route="unmatched",status_class="4xx"} 1"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_request_start_names_method_and_target() {
+        assert_eq!(
+            request_start(b"DELETE /v1/keys/"),
+            ("DELETE", &b"/v1/keys/"[..])
+        );
+        assert_eq!(
+            request_start(b"GET /v1/keys/aaaa"),
+            ("GET", &b"/v1/keys/aaaa"[..])
+        );
+        assert_eq!(
+            request_start(b"BREW /pot\0\0\0\0\0\0\0"),
+            ("OTHER", &b"/pot\0\0\0\0\0\0\0"[..])
+        );
+        assert_eq!(
+            request_start(b"GARBAGE\r\n\r\n\0\0\0\0\0"),
+            ("OTHER", &b""[..])
+        );
+    }
+}
