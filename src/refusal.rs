@@ -108,7 +108,9 @@ impl<S> RefusalIo<S> {
         out.extend_from_slice(b"\r\n");
         // hyper's remaining lines (`date`, then the blank line) close the new head.
         out.extend_from_slice(tail);
-        out.extend_from_slice(&body);
+        // The answer to a HEAD has the head only (its Content-Length is the GET's).
+        let sent = if method == "HEAD" { &[][..] } else { &body[..] };
+        out.extend_from_slice(sent);
 
         let route = if key { route::KEY } else { route::UNMATCHED };
         let elapsed = self.started.elapsed();
@@ -120,7 +122,7 @@ impl<S> RefusalIo<S> {
             route,
             status: 400,
             elapsed,
-            bytes: body.len() as u64,
+            bytes: sent.len() as u64,
         });
         out
     }

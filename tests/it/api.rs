@@ -789,6 +789,19 @@ async fn refusals_of_the_http_layer_are_problem_documents() {
         );
         assert_eq!(line["bytes"].as_u64(), Some(body.len() as u64), "{what}");
     }
+    // A HEAD gets the head alone.
+    let text = raw_exchange(
+        &app,
+        format!("HEAD /v1/keys/{} HTTP/1.1\r\n\r\n", "k".repeat(70_000)).as_bytes(),
+    )
+    .await;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 400 ")
+            && head.contains("\r\ncontent-type: application/problem+json\r\n"),
+        "{head}"
+    );
+    assert_eq!(body, "");
     // Pipelined behind a good request: that one is answered, then the refusal, whose own
     // method and target were never read apart from the first request's.
     let text = raw_exchange(
