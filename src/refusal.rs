@@ -46,6 +46,7 @@ pub struct RefusalIo<S> {
     fresh: bool,
     /// The first bytes of the current request, and when they came.
     start: [u8; START],
+    start_len: usize,
     started: Instant,
     /// The replacement being written for hyper's refusal.
     swap: Option<Swap>,
@@ -65,6 +66,7 @@ impl<S> RefusalIo<S> {
             recorder,
             fresh: true,
             start: [0; START],
+            start_len: 0,
             started: Instant::now(),
             swap: None,
         }
@@ -78,7 +80,7 @@ impl<S> RefusalIo<S> {
         let (method, target) = if self.fresh {
             ("OTHER", &b""[..])
         } else {
-            request_start(&self.start)
+            request_start(&self.start[..self.start_len])
         };
         let key = target.starts_with(b"/v1/keys/");
         let error = match status {
@@ -172,8 +174,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for RefusalIo<S> {
             let new = &buf.filled()[before..];
             if !new.is_empty() {
                 let n = new.len().min(START);
-                this.start = [0; START];
                 this.start[..n].copy_from_slice(&new[..n]);
+                this.start_len = n;
                 this.started = Instant::now();
                 this.fresh = false;
             }
@@ -237,17 +239,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RefusalIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let first = bufs.iter().position(|b| !b.is_empty());
-        let written = if this.swap.is_some() {
-            // hyper offers the same head again after a `Pending`.
-            this.poll_swap(cx, first.map_or(&[][..], |i| &bufs[i]))
-        } else {
-            // A refusal is a head of its own; anything queued before it goes out first.
-            match bufs.iter().position(|b| automatic_refusal(b).is_some()) {
-                Some(i) if Some(i) == first => this.poll_swap(cx, &bufs[i]),
-                Some(i) => Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs[..i]),
-                None => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+        // hyper queues nothing after a refusal (it closes the connection): only the last
+        // buffer can be one. Anything queued before it goes out first.
+        let last = bufs.iter().rposition(|b| !b.is_empty());
+        let written = match last {
+            Some(i) if this.swap.is_some() || automatic_refusal(&bufs[i]).is_some() => {
+                if bufs[..i].iter().all(|b| b.is_empty()) {
+                    // (Offered again after a `Pending` while the swap is being written.)
+                    this.poll_swap(cx, &bufs[i])
+                } else {
+                    Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs[..i])
+                }
             }
+            _ => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
         };
         this.wrote(written)
     }
