@@ -11,9 +11,10 @@
 //! `invalid_request` and `invalid_key` to 400, so the status is 400 for all three; the
 //! `detail` says which limit was hit.
 //!
-//! Cost for every other request: the first ten bytes of each write are compared, and the
-//! first bytes of a request (its method and the start of its target) are kept, with the time
-//! they arrived, when the read after a response brings them.
+//! Cost for every other request (≈ 70 instructions of a cached GET's 18 000): the start of the
+//! last buffer of each write is compared, and the first bytes of a request (its method and
+//! the start of its target) are kept, with the time they arrived, when the read after a
+//! response brings them.
 
 use std::io;
 use std::pin::Pin;
@@ -135,7 +136,7 @@ const REFUSAL_HEADERS: &[u8] = b"connection: close\r\ncontent-length: 0\r\n";
 
 /// The status of `head` and its lines after [`REFUSAL_HEADERS`] (`date`, the blank line) if
 /// it is one of hyper's automatic refusals, byte for byte as hyper 1.x writes them (the
-/// service's own responses always start with `content-type`).
+/// service's own 400s are problem documents, whose first header is `content-type`).
 fn automatic_refusal(head: &[u8]) -> Option<(u16, &[u8])> {
     let rest = head.strip_prefix(b"HTTP/1.1 ")?;
     let status = match rest.get(..4)? {
