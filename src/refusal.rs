@@ -375,21 +375,14 @@ mod tests {
 
     #[test]
     fn the_request_start_names_method_and_target() {
-        assert_eq!(
-            request_start(b"DELETE /v1/keys/"),
-            ("DELETE", &b"/v1/keys/"[..])
-        );
-        assert_eq!(
-            request_start(b"GET /v1/keys/aaaa"),
-            ("GET", &b"/v1/keys/aaaa"[..])
-        );
-        assert_eq!(
-            request_start(b"BREW /pot\0\0\0\0\0\0\0"),
-            ("OTHER", &b"/pot\0\0\0\0\0\0\0"[..])
-        );
-        assert_eq!(
-            request_start(b"GARBAGE\r\n\r\n\0\0\0\0\0"),
-            ("OTHER", &b""[..])
-        );
+        for (start, method, target) in [
+            (&b"DELETE /v1/keys/"[..], "DELETE", &b"/v1/keys/"[..]),
+            (b"GET /v1/keys/aaaa", "GET", b"/v1/keys/aaaa"),
+            (b"BREW /pot", "OTHER", b"/pot"),
+            (b"GARBAGE\r\n\r\n", "OTHER", b""),
+        ] {
+            let got = request_start(start);
+            assert_eq!(got, (method, target), "{}", String::from_utf8_lossy(start));
+        }
     }
 }
