@@ -375,16 +375,14 @@ async fn metrics_endpoint(state: &State, req: Request<Incoming>) -> Response {
             r
         }
     };
-    resp.headers_mut()
-        .insert(api::REQUEST_ID.clone(), id.clone());
-    state.access.line(&crate::logging::Access {
-        id: id.as_bytes(),
+    api::stamp(
+        &state.access,
+        &mut resp,
+        &id,
         method,
         route,
-        status: resp.status().as_u16(),
-        elapsed: start.elapsed(),
-        bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
-    });
+        start.elapsed(),
+    );
     resp
 }
 

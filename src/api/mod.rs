@@ -343,11 +343,25 @@ where
         Err(_) => ApiError::Unavailable("the request took too long; retry shortly".into())
             .into_response(id.to_str().unwrap_or_default()),
     };
+    let elapsed = start.elapsed();
+    let status = stamp(&state.access, &mut resp, &id, method, route, elapsed);
+    state.metrics.observe_http(method, route, status, elapsed);
+    resp
+}
+
+/// Gives an answered request's response its request id and writes its access line (both
+/// ports); returns the status.
+pub fn stamp(
+    access: &crate::logging::AccessLog,
+    resp: &mut Response,
+    id: &HeaderValue,
+    method: &'static str,
+    route: &'static str,
+    elapsed: std::time::Duration,
+) -> u16 {
     resp.headers_mut().insert(REQUEST_ID.clone(), id.clone());
     let status = resp.status().as_u16();
-    let elapsed = start.elapsed();
-    state.metrics.observe_http(method, route, status, elapsed);
-    state.access.line(&crate::logging::Access {
+    access.line(&crate::logging::Access {
         id: id.as_bytes(),
         method,
         route,
@@ -355,5 +369,5 @@ where
         elapsed,
         bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
     });
-    resp
+    status
 }
