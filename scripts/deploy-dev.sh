@@ -43,7 +43,7 @@ need() {
 }
 need docker "install Docker Engine or Docker Desktop (https://docs.docker.com/get-docker/) to build the image and run kind."
 need kind "install kind (https://kind.sigs.k8s.io/docs/user/quick-start/#installation), e.g. 'go install sigs.k8s.io/kind@latest' or 'brew install kind'."
-need kubectl "install kubectl (https://kubernetes.io/docs/tasks/tools/), v1.27 or newer for its built-in kustomize v5."
+need kubectl "install kubectl (https://kubernetes.io/docs/tasks/tools/), v1.29 or newer (README "Prerequisites"; it embeds kustomize v5)."
 need helm "install helm 3 (https://helm.sh/docs/intro/install/), e.g. 'brew install helm'."
 need curl "install curl (used by the smoke test)."
 [ "$missing" = 0 ] || exit 1
@@ -131,7 +131,8 @@ prometheus:
     serviceMonitorSelectorNilUsesHelmValues: false
     podMonitorSelectorNilUsesHelmValues: false
     ruleSelectorNilUsesHelmValues: false
-    retention: 2d
+    # the slow-burn SLO alerts look back 3 days
+    retention: 3d
 grafana:
   sidecar:
     dashboards:
@@ -139,6 +140,10 @@ grafana:
       label: grafana_dashboard
       labelValue: "1"
       searchNamespace: ALL
+      # the dashboard ConfigMap's grafana_folder annotation picks its Grafana folder
+      folderAnnotation: grafana_folder
+      provider:
+        foldersFromFilesStructure: true
 kubeEtcd:
   enabled: false
 kubeControllerManager:
@@ -177,12 +182,8 @@ fi
 step "Waiting for MySQL and kvstore"
 # The first MySQL start initialises the data directory: a minute or two.
 k -n "$NS" rollout status statefulset/mysql --timeout=10m
-# kvstore pods that started before MySQL was up may sit in CrashLoopBackOff with a growing
-# back-off; now that the database answers, replace them instead of waiting the back-off out.
-k -n "$NS" get pods -l app.kubernetes.io/name=kvstore \
-  -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.status.containerStatuses[0].state.waiting.reason}{"\n"}{end}' \
-  | awk '$2 == "CrashLoopBackOff" { print $1 }' \
-  | while read -r pod; do k -n "$NS" delete pod "$pod" --wait=false; done
+# kvstore pods that started before MySQL was up have waited for it without restarting (they
+# bind at once and retry the database in the background); they turn ready by themselves.
 k -n "$NS" rollout status deployment/kvstore --timeout=10m
 
 # --- 7. smoke test -----------------------------------------------------------------------

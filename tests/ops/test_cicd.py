@@ -447,7 +447,18 @@ def test_release_bumps_the_prod_overlay_image():
                   runs)
     assert m, "no `kustomize edit set image \"<name>=${IMAGE}:${VERSION}@${DIGEST}\"`"
     target = m.group(1)
-    _step_using(job, "peter-evans/create-pull-request")
+    # Opened as a GitHub App when one is configured: a pull request opened with the job's
+    # GITHUB_TOKEN starts no workflows, so main's required checks would never report on it.
+    app = _step_using(job, "actions/create-github-app-token")
+    assert job["env"]["RELEASE_APP_ID"] == "${{ secrets.RELEASE_APP_ID }}", job.get("env")
+    assert app.get("id") and app.get("if") == "env.RELEASE_APP_ID != ''", app
+    assert app["with"]["app-id"] == "${{ env.RELEASE_APP_ID }}", app["with"]
+    assert app["with"]["private-key"] == "${{ secrets.RELEASE_APP_PRIVATE_KEY }}", app["with"]
+    pr = _step_using(job, "peter-evans/create-pull-request")
+    steps = _steps(job)
+    assert steps.index(app) < steps.index(pr), "the App token must be minted before the PR step"
+    assert pr["with"].get("token") == f"${{{{ steps.{app['id']}.outputs.token || github.token }}}}", \
+        pr["with"].get("token")
 
     images = _kustomization(overlay).get("images") or []
     entry = [i for i in images if i.get("name") == target]
