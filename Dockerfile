@@ -4,7 +4,9 @@
 #   docker build --build-arg VERSION=0.1.0 --build-arg REVISION=$(git rev-parse --short=12 HEAD) -t kvstore:dev .
 #   (or: just image)
 
-FROM rust:1-bookworm AS builder
+# A pinned toolchain (the one the tests run with), so that two builds of one commit compile
+# alike; Dependabot proposes the next one. bookworm, as the runtime's Debian 12 glibc needs.
+FROM rust:1.95-bookworm AS builder
 WORKDIR /build
 
 # 1. Dependencies only, in their own layer: this layer is rebuilt only when Cargo.toml,

@@ -98,6 +98,18 @@ def test_image_context_excludes_what_it_should():
         assert excluded not in tops, f"{excluded} is in the image's build context"
 
 
+def test_builder_toolchain_is_pinned_and_new_enough():
+    """A pinned `rust:MAJOR.MINOR-bookworm` (bookworm: the runtime is distroless Debian 12, and a
+    newer glibc in the builder would make a binary that does not start there), no older than
+    the crate's rust-version."""
+    builder = stages((REPO / "Dockerfile").read_text())["builder"][0][1]
+    m = re.match(r"rust:(\d+)\.(\d+)(?:\.\d+)?-bookworm(?:@sha256:[0-9a-f]{64})?\s+AS\s+builder$", builder)
+    assert m, f"FROM {builder}: expected rust:MAJOR.MINOR-bookworm AS builder"
+    msrv = re.search(r'(?m)^rust-version = "(\d+)\.(\d+)', (REPO / "Cargo.toml").read_text())
+    assert msrv, "Cargo.toml has no rust-version"
+    assert (int(m[1]), int(m[2])) >= (int(msrv[1]), int(msrv[2])), (builder, msrv[0])
+
+
 def test_dockerfile_builder_stage_builds_the_binary_from_its_context():
     dockerfile = (REPO / "Dockerfile").read_text()
     all_stages = stages(dockerfile)
