@@ -379,7 +379,7 @@ async fn metrics_endpoint(state: &State, req: Request<Incoming>) -> Response {
         &state.access,
         &mut resp,
         &id,
-        method,
+        req.method(),
         route,
         start.elapsed(),
     );

@@ -142,11 +142,19 @@ impl Config {
                 .map_err(|e| err(format!("KV_API_TOKENS_FILE: cannot read {path}: {e}")))?;
             api_tokens.extend(split_tokens(text.lines()));
         }
-        if (env.get("KV_API_TOKENS").is_some() || env.get("KV_API_TOKENS_FILE").is_some())
+        // Set at all, even to nothing, means auth was asked for: an empty Secret or a
+        // template that rendered blank must stop the start, never open the writes.
+        if (vars.contains_key("KV_API_TOKENS") || vars.contains_key("KV_API_TOKENS_FILE"))
             && api_tokens.is_empty()
         {
             return Err(err(
-                "KV_API_TOKENS / KV_API_TOKENS_FILE is set but holds no token",
+                "KV_API_TOKENS / KV_API_TOKENS_FILE is set but holds no token (unset it to run without auth)",
+            ));
+        }
+        let auth_reads = env.bool("KV_AUTH_READS", false)?;
+        if auth_reads && api_tokens.is_empty() {
+            return Err(err(
+                "KV_AUTH_READS=true needs tokens: set KV_API_TOKENS or KV_API_TOKENS_FILE",
             ));
         }
 
@@ -163,7 +171,7 @@ impl Config {
             metrics_addr: env.parse("KV_METRICS_ADDR", "0.0.0.0:9090".parse().unwrap())?,
             max_value_bytes,
             api_tokens,
-            auth_reads: env.bool("KV_AUTH_READS", false)?,
+            auth_reads,
             cache_ttl: env.duration("KV_CACHE_TTL", "30s")?,
             cache_negative_ttl: env.duration("KV_CACHE_NEGATIVE_TTL", "2s")?,
             cache_max_bytes: env.parse("KV_CACHE_MAX_BYTES", 64 * 1024 * 1024u64)?,
@@ -437,6 +445,10 @@ mod tests {
             ("KV_AUTH_READS", "maybe"),
             ("KV_LOG_LEVEL", "loud"),
             ("KV_API_TOKENS", " , "),
+            ("KV_API_TOKENS", ""),
+            ("KV_API_TOKENS", "  "),
+            ("KV_API_TOKENS_FILE", ""),
+            ("KV_AUTH_READS", "true"),
         ] {
             let e = Config::from_vars(&vars(&[URL, (name, value)]))
                 .unwrap_err()

@@ -10,6 +10,8 @@ use crate::api::keys::{compact_json, validate_key};
 use crate::store::{Precondition, Store, WriteOutcome};
 
 /// Parses the dataset: `[{"k": v, ...}, ...]` or `{"k": v, ...}`. Values are kept as sent.
+/// A key given more than once keeps its last value (what writing them in order would leave)
+/// and is written once, so the count reported is of keys.
 pub fn parse(text: &str) -> Result<Vec<(String, String)>, String> {
     let objects: Vec<BTreeMap<String, Box<RawValue>>> = match text.trim_start().as_bytes().first() {
         Some(b'[') => {
@@ -20,13 +22,20 @@ pub fn parse(text: &str) -> Result<Vec<(String, String)>, String> {
         }
         _ => return Err("expected a JSON array of objects or one JSON object".into()),
     };
-    let mut out = Vec::new();
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for obj in objects {
         for (k, v) in obj {
             validate_key(&k).map_err(|e| format!("key {k:?}: {e}"))?;
             let v =
                 compact_json(v.get()).ok_or_else(|| format!("key {k:?}: value nests too deep"))?;
-            out.push((k, v));
+            match at.get(&k) {
+                Some(&i) => out[i].1 = v,
+                None => {
+                    at.insert(k.clone(), out.len());
+                    out.push((k, v));
+                }
+            }
         }
     }
     Ok(out)
@@ -77,6 +86,15 @@ mod tests {
         assert_eq!(
             parse("{\"a\": null}").unwrap(),
             vec![("a".into(), "null".into())]
+        );
+        // A key given again keeps its last value, in its first place, and is written once.
+        assert_eq!(
+            parse("[{\"a\": 1, \"b\": 2}, {\"a\": 3}, {\"c\": 4, \"b\": 5}]").unwrap(),
+            vec![
+                ("a".into(), "3".into()),
+                ("b".into(), "5".into()),
+                ("c".into(), "4".into()),
+            ]
         );
         assert!(parse("42").is_err());
         assert!(parse("[{\"\": 1}]").is_err());

@@ -8,7 +8,7 @@ use base64::Engine as _;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use http_body_util::BodyExt as _;
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use warp::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -218,8 +218,7 @@ async fn write(
     state.metrics.writes.with_label_values(&["upsert"]).inc();
     let mut resp = entry_response(status, item);
     if status == StatusCode::CREATED {
-        let location = format!("/v1/keys/{}", utf8_percent_encode(&key, KEY_PATH));
-        if let Ok(v) = HeaderValue::from_str(&location) {
+        if let Ok(v) = HeaderValue::from_str(&key_location(&key)) {
             resp.headers_mut().insert(header::LOCATION, v);
         }
     }
@@ -346,6 +345,11 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
             "prefix is longer than {MAX_KEY_BYTES} bytes"
         )));
     }
+    if prefix.bytes().any(|b| b <= 0x1f || b == 0x7f) {
+        return Err(ApiError::InvalidRequest(
+            "prefix contains a control character (no key can)".into(),
+        ));
+    }
     let mut rows = state
         .store
         .list(&prefix, after.as_deref(), limit + 1)
@@ -378,28 +382,34 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
     Ok(resp)
 }
 
+/// The path of a key's URL. Segments `.` and `..` are spelled `%2E` and `%2E%2E`: a client
+/// that resolves dot segments (RFC 3986 §5.2.4, as curl does) would otherwise follow
+/// `Location: /v1/keys/a/..` to `/v1/keys/`, another resource.
+pub fn key_location(key: &str) -> String {
+    let mut path = String::with_capacity(9 + key.len());
+    path.push_str("/v1/keys");
+    for segment in key.split('/') {
+        path.push('/');
+        match segment {
+            "." => path.push_str("%2E"),
+            ".." => path.push_str("%2E%2E"),
+            s => path.extend(utf8_percent_encode(s, KEY_PATH)),
+        }
+    }
+    path
+}
+
 /// The key of `/v1/keys/{key}`: percent-decoded (borrowed when it has no escapes), then
 /// validated.
 pub fn key_from_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, ApiError> {
-    let b = raw.as_bytes();
-    if !b.contains(&b'%') {
-        // Nothing to decode (most keys): the path is the key.
-        validate_key(raw)?;
-        return Ok(std::borrow::Cow::Borrowed(raw));
-    }
-    // A `%` must start an escape: `%A` or `%%41` is not a key spelling two paths could share.
-    if b.iter().enumerate().any(|(i, c)| {
-        *c == b'%'
-            && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
-                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
-    }) {
-        return Err(ApiError::InvalidKey(
+    let key = super::percent_decode(raw).map_err(|e| match e {
+        super::DecodeError::MalformedEscape => ApiError::InvalidKey(
             "the key has a malformed percent-escape ('%' must be followed by two hex digits)"
                 .into(),
-        ));
-    }
-    let key = percent_decode_str(raw).decode_utf8().map_err(|_| {
-        ApiError::InvalidKey("the key is not valid UTF-8 after percent-decoding".into())
+        ),
+        super::DecodeError::NotUtf8 => {
+            ApiError::InvalidKey("the key is not valid UTF-8 after percent-decoding".into())
+        }
     })?;
     validate_key(&key)?;
     Ok(key)
@@ -624,6 +634,26 @@ mod tests {
         // 512 bytes is counted in bytes: 256 two-byte characters fit, 257 do not.
         assert!(validate_key(&"é".repeat(256)).is_ok());
         assert!(validate_key(&"é".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn locations_name_the_key_and_survive_dot_segment_removal() {
+        for (key, path) in [
+            ("app/config/color", "/v1/keys/app/config/color"),
+            ("a b/é?#%", "/v1/keys/a%20b/%C3%A9%3F%23%25"),
+            ("fresh/..", "/v1/keys/fresh/%2E%2E"),
+            ("x/../y/./z", "/v1/keys/x/%2E%2E/y/%2E/z"),
+            ("..", "/v1/keys/%2E%2E"),
+            ("a..b/.c/...", "/v1/keys/a..b/.c/..."),
+            ("a//b/", "/v1/keys/a//b/"),
+        ] {
+            assert_eq!(key_location(key), path, "{key:?}");
+            // What the service reads back from that path is the key again.
+            let tail = path.strip_prefix("/v1/keys/").unwrap();
+            assert_eq!(key_from_path(tail).unwrap(), key, "{key:?}");
+            // No segment a client would resolve away is left.
+            assert!(!path.split('/').any(|s| s == "." || s == ".."), "{path}");
+        }
     }
 
     #[test]

@@ -105,15 +105,20 @@ impl Req {
         self.id.to_str().unwrap_or_default()
     }
 
-    /// Parses the query string; every parameter must be one of `allowed`, at most once.
+    /// Parses the query string (`application/x-www-form-urlencoded`: `+` is a space); every
+    /// parameter must be one of `allowed`, at most once, and every name and value must
+    /// percent-decode to UTF-8 (a malformed `%` or invalid UTF-8 is refused, not replaced).
     pub fn query_params(&self, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
-        if self.query.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&self.query)
-            .map_err(|_| ApiError::InvalidRequest("the query string is malformed".into()))?;
-        let mut out = HashMap::with_capacity(pairs.len());
-        for (k, v) in pairs {
+        let decode = |s: &str| {
+            let s = s.replace('+', " ");
+            percent_decode(&s).map(|c| c.into_owned()).map_err(|e| {
+                ApiError::InvalidRequest(format!("the query string is malformed: {e}"))
+            })
+        };
+        let mut out = HashMap::new();
+        for pair in self.query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let (k, v) = (decode(k)?, decode(v)?);
             if !allowed.contains(&k.as_str()) {
                 return Err(ApiError::InvalidRequest(if allowed.is_empty() {
                     format!("unknown query parameter {k:?}: this endpoint takes none")
@@ -136,6 +141,36 @@ impl Req {
     pub fn header(&self, name: header::HeaderName) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+}
+
+/// Why a percent-encoded string was refused (the key path and the query string share the
+/// rule: one spelling per text, nothing replaced).
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("'%' must be followed by two hex digits")]
+    MalformedEscape,
+    #[error("it is not valid UTF-8 after percent-decoding")]
+    NotUtf8,
+}
+
+/// Percent-decodes `raw` strictly: a `%` must start an escape (`%A` or `%%41` is refused,
+/// not taken literally), and the bytes must be UTF-8 (not replaced by U+FFFD). Borrows when
+/// there is nothing to decode.
+pub fn percent_decode(raw: &str) -> Result<std::borrow::Cow<'_, str>, DecodeError> {
+    let b = raw.as_bytes();
+    if !b.contains(&b'%') {
+        return Ok(std::borrow::Cow::Borrowed(raw));
+    }
+    if b.iter().enumerate().any(|(i, c)| {
+        *c == b'%'
+            && !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    }) {
+        return Err(DecodeError::MalformedEscape);
+    }
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| DecodeError::NotUtf8)
 }
 
 /// The route template of a path (the `route` label), decided the way the routes are.
@@ -309,7 +344,8 @@ where
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
     let id = request_id(&parts.headers);
-    let method = metrics::method_label(&parts.method);
+    let verb = parts.method.clone();
+    let method = metrics::method_label(&verb);
     let route = route_of(parts.uri.path());
     let _in_flight = metrics::GaugeGuard::hold(&state.metrics.http_in_flight);
     // Head and body go to the handlers through `CTX`; warp routes on the path alone.
@@ -344,7 +380,7 @@ where
             .into_response(id.to_str().unwrap_or_default()),
     };
     let elapsed = start.elapsed();
-    let status = stamp(&state.access, &mut resp, &id, method, route, elapsed);
+    let status = stamp(&state.access, &mut resp, &id, &verb, route, elapsed);
     state.metrics.observe_http(method, route, status, elapsed);
     resp
 }
@@ -355,19 +391,84 @@ pub fn stamp(
     access: &crate::logging::AccessLog,
     resp: &mut Response,
     id: &HeaderValue,
-    method: &'static str,
+    method: &Method,
     route: &'static str,
     elapsed: std::time::Duration,
 ) -> u16 {
     resp.headers_mut().insert(REQUEST_ID.clone(), id.clone());
     let status = resp.status().as_u16();
+    // The body bytes sent: hyper sends none in answer to a HEAD.
+    let bytes = if method == Method::HEAD {
+        0
+    } else {
+        http_body::Body::size_hint(resp.body()).exact().unwrap_or(0)
+    };
     access.line(&crate::logging::Access {
         id: id.as_bytes(),
-        method,
+        method: method.as_str(),
         route,
         status,
         elapsed,
-        bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
+        bytes,
     });
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(q: &str) -> Result<HashMap<String, String>, ApiError> {
+        Req {
+            method: Method::GET,
+            headers: HeaderMap::new(),
+            query: q.into(),
+            id: HeaderValue::from_static("t"),
+            route: route::KEYS,
+        }
+        .query_params(&["prefix", "limit"])
+    }
+
+    #[test]
+    fn query_strings_decode_strictly() {
+        let ok = |q: &str, k: &str, v: &str| {
+            assert_eq!(query(q).unwrap().get(k).map(String::as_str), Some(v), "{q}")
+        };
+        ok("prefix=a%2Fb&limit=3", "prefix", "a/b");
+        ok("prefix=%C3%A9t%C3%A9", "prefix", "été");
+        ok("prefix=a+b", "prefix", "a b");
+        ok("prefix=a%2Bb", "prefix", "a+b");
+        ok("prefix=&limit=1", "prefix", "");
+        ok("prefix", "prefix", "");
+        ok("&&prefix=x&", "prefix", "x");
+        assert!(query("").unwrap().is_empty());
+        for (q, why) in [
+            ("prefix=%FF", "not valid UTF-8"),
+            ("prefix=%C3", "not valid UTF-8"),
+            ("prefix=%G1", "two hex digits"),
+            ("prefix=100%", "two hex digits"),
+            ("pre%ZZfix=a", "two hex digits"),
+            ("prefix=a&prefix=b", "repeated"),
+            ("limit=1&limit=1", "repeated"),
+            ("other=1", "unknown query parameter"),
+            ("Prefix=a", "unknown query parameter"),
+        ] {
+            let e = query(q).unwrap_err();
+            assert_eq!(e.code(), "invalid_request", "{q}");
+            assert!(e.to_string().contains(why), "{q}: {e}");
+        }
+    }
+
+    #[test]
+    fn percent_decoding_borrows_or_refuses() {
+        assert!(matches!(
+            percent_decode("plain/key"),
+            Ok(std::borrow::Cow::Borrowed("plain/key"))
+        ));
+        assert_eq!(percent_decode("100%25").unwrap(), "100%");
+        assert_eq!(percent_decode("%41%42").unwrap(), "AB");
+        assert_eq!(percent_decode("%A"), Err(DecodeError::MalformedEscape));
+        assert_eq!(percent_decode("%%41"), Err(DecodeError::MalformedEscape));
+        assert_eq!(percent_decode("%80"), Err(DecodeError::NotUtf8));
+    }
 }

@@ -95,6 +95,29 @@ async fn post_upserts_and_validates() {
         .unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(r.headers()["location"], "/v1/keys/dir/with%20space");
+    // Dot segments are escaped: a client resolving `..` (curl does) would otherwise follow
+    // the Location somewhere else. Sent raw: reqwest's URL parser resolves `%2E%2E` too.
+    let r = app
+        .client
+        .post(app.url("/v1/keys"))
+        .json(&json!({"key": "fresh/..", "value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(location, "/v1/keys/fresh/%2E%2E");
+    let text = raw_exchange(
+        &app,
+        format!("GET {location} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let (status, _, body, _) = parse_response(&text);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(body).unwrap()["key"],
+        "fresh/.."
+    );
 
     for (body, status, code) in [
         (json!({"value": 1}), 400, "invalid_json"),
@@ -561,6 +584,38 @@ async fn request_ids() {
     assert_eq!(rec["status"], 404);
     assert!(rec["duration_ms"].is_number() && rec["bytes"].is_number());
     assert!(!line.contains("secret-key-name"));
+    // The method as sent, also one the metrics fold into OTHER; a HEAD sent no body bytes.
+    let r = app
+        .client
+        .patch(app.url("/v1/keys/Homer"))
+        .header("x-request-id", "patch-me")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let rec = access_line(&app, "patch-me").await;
+    assert_eq!(
+        (rec["method"].as_str(), rec["status"].as_u64()),
+        (Some("PATCH"), Some(405))
+    );
+    for (method, id) in [
+        (reqwest::Method::GET, "get-homer"),
+        (reqwest::Method::HEAD, "head-homer"),
+    ] {
+        let r = app
+            .client
+            .request(method.clone(), app.url("/v1/keys/Homer"))
+            .header("x-request-id", id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let sent = r.bytes().await.unwrap().len() as u64;
+        let rec = access_line(&app, id).await;
+        assert_eq!(rec["method"], method.as_str());
+        assert_eq!(rec["bytes"].as_u64(), Some(sent), "{method}");
+        assert_eq!(sent == 0, method == reqwest::Method::HEAD);
+    }
 }
 
 #[tokio::test]

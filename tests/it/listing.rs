@@ -187,6 +187,35 @@ async fn cursors_carry_the_prefix_and_reject_garbage() {
         "invalid_request",
     )
     .await;
+    // A prefix is refused as a key would be: no replacement of invalid UTF-8, no literal
+    // '%', no control character (no key has one); `+` is a space, `%2B` a plus.
+    app.put_value("\u{fffd}x", json!(1)).await;
+    app.put_value("%25G1x", json!(1)).await; // the key "%G1x"
+    for bad in ["%FF", "%C3", "%G1", "100%", "a%00", "a%1Fb", "%7F"] {
+        assert_problem(
+            app.get(&format!("/v1/keys?prefix={bad}")).await,
+            400,
+            "invalid_request",
+        )
+        .await;
+    }
+    app.put_value("c d", json!(1)).await;
+    app.put_value("c+d", json!(1)).await;
+    for (prefix, key) in [("c+d", "c d"), ("c%2Bd", "c+d"), ("%25G1", "%G1x")] {
+        let page: Value = app
+            .get(&format!("/v1/keys?prefix={prefix}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let keys: Vec<&str> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, vec![key], "prefix={prefix}");
+    }
     for bad in ["garbage", "eyJ4IjoxfQ", "%FF", "AAAA"] {
         assert_problem(
             app.get(&format!("/v1/keys?cursor={bad}")).await,

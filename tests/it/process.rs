@@ -61,6 +61,21 @@ fn configuration_errors_exit_2_with_one_sentence() {
             ],
             "KV_LISTEN_ADDR",
         ),
+        // Auth asked for with no token (an empty Secret, say) must not start with writes open.
+        (
+            vec![
+                ("KV_DATABASE_URL", "mysql://u:s3cr3t-pw@h/db"),
+                ("KV_API_TOKENS", ""),
+            ],
+            "KV_API_TOKENS",
+        ),
+        (
+            vec![
+                ("KV_DATABASE_URL", "mysql://u:s3cr3t-pw@h/db"),
+                ("KV_AUTH_READS", "true"),
+            ],
+            "KV_AUTH_READS",
+        ),
     ] {
         let mut cmd = Command::new(BIN);
         clean_env(&mut cmd).envs(vars.iter().cloned());
@@ -94,7 +109,7 @@ async fn migrate_and_import_commands() {
     let file = dir.path().join("data.json");
     std::fs::write(
         &file,
-        r#"[{"Homer": "Simpson", "Marge": {"hair": "blue"}}, {"Bart": [1, 2]}]"#,
+        r#"[{"Homer": "Simpson", "Marge": {"hair": "blue"}}, {"Bart": [1, 2], "Homer": "J."}]"#,
     )
     .unwrap();
     let mut cmd = Command::new(BIN);
@@ -108,6 +123,7 @@ async fn migrate_and_import_commands() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Homer twice is one key, written once, with its last value.
     assert!(String::from_utf8_lossy(&out.stdout).contains("imported 3 keys"));
     std::fs::write(&file, "not json").unwrap();
     let mut cmd = Command::new(BIN);
@@ -121,7 +137,8 @@ async fn migrate_and_import_commands() {
     let e: Value = app.get("/v1/keys/Marge").await.json().await.unwrap();
     assert_eq!(e["value"]["hair"], "blue");
     let e: Value = app.get("/v1/keys/Homer").await.json().await.unwrap();
-    assert_eq!(e["version"], 2, "import wrote over the seeded key");
+    assert_eq!(e["version"], 2, "import wrote over the seeded key, once");
+    assert_eq!(e["value"], "J.");
 }
 
 #[tokio::test]
