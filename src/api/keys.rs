@@ -456,6 +456,11 @@ struct PostBody<'a> {
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(raw: &'a [u8]) -> Result<T, ApiError> {
+    if raw.starts_with("\u{feff}".as_bytes()) {
+        return Err(ApiError::InvalidJson(
+            "the body starts with a byte order mark (U+FEFF): send the JSON without it".into(),
+        ));
+    }
     // serde's derive would also take a JSON array as the fields in order: refuse it.
     if raw.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::InvalidJson(
@@ -653,6 +658,24 @@ mod tests {
             assert_eq!(key_from_path(tail).unwrap(), key, "{key:?}");
             // No segment a client would resolve away is left.
             assert!(!path.split('/').any(|s| s == "." || s == ".."), "{path}");
+        }
+    }
+
+    #[test]
+    fn bodies_must_be_one_json_object() {
+        assert!(parse_json::<PutBody>(b" {\"value\": [1]}").is_ok());
+        for (body, why) in [
+            (&b"\xef\xbb\xbf{\"value\": 1}"[..], "byte order mark"),
+            (b"[1]", "must be a JSON object"),
+            (b"", "must be a JSON object"),
+            (b"{\"value\": 1} x", "not the JSON"),
+            (b"{\"value\": 1, \"other\": 2}", "unknown field"),
+        ] {
+            let Err(e) = parse_json::<PutBody>(body) else {
+                panic!("{body:?} was accepted")
+            };
+            assert_eq!(e.code(), "invalid_json");
+            assert!(e.to_string().contains(why), "{body:?}: {e}");
         }
     }
 
