@@ -43,7 +43,7 @@ need() {
 }
 need docker "install Docker Engine or Docker Desktop (https://docs.docker.com/get-docker/) to build the image and run kind."
 need kind "install kind (https://kind.sigs.k8s.io/docs/user/quick-start/#installation), e.g. 'go install sigs.k8s.io/kind@latest' or 'brew install kind'."
-need kubectl "install kubectl (https://kubernetes.io/docs/tasks/tools/), v1.29 or newer (README "Prerequisites"; it embeds kustomize v5)."
+need kubectl "install kubectl (https://kubernetes.io/docs/tasks/tools/), v1.29 or newer (README: Prerequisites; it embeds kustomize v5)."
 need helm "install helm 3 (https://helm.sh/docs/intro/install/), e.g. 'brew install helm'."
 need curl "install curl (used by the smoke test)."
 [ "$missing" = 0 ] || exit 1

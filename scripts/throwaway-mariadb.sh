@@ -14,7 +14,11 @@ start() {
   local port=${1:-0}
   local server installer
   server=$(command -v mariadbd || command -v mysqld || true)
-  [ -x "${server:-}" ] || server=$(ls /usr/sbin/mariadbd /usr/sbin/mysqld 2>/dev/null | head -n1 || true)
+  if [ ! -x "${server:-}" ]; then
+    for candidate in /usr/sbin/mariadbd /usr/sbin/mysqld; do
+      if [ -x "$candidate" ]; then server=$candidate; break; fi
+    done
+  fi
   [ -n "$server" ] || die "no mariadbd or mysqld found: install a MariaDB server (apt-get install -y mariadb-server) or set TEST_DATABASE_URL"
   installer=$(command -v mariadb-install-db || command -v mysql_install_db || true)
   [ -n "$installer" ] || die "no mariadb-install-db found: install a MariaDB server (apt-get install -y mariadb-server)"

