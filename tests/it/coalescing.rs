@@ -202,6 +202,20 @@ async fn a_failed_batch_leaves_nothing_and_acknowledges_nothing() {
     // A failed batch never leaves a stale entry in the cache either.
     let r = app.get("/v1/keys/fb/bad").await;
     assert_problem(r, 404, "not_found").await;
+    // The refusal is a 500 `internal` problem whose detail shows neither the SQL nor the
+    // database's message (the log line with the same request id has them).
+    let doc = assert_problem(app.put_value("fb/bad", json!(0)).await, 500, "internal").await;
+    let detail = doc["detail"].as_str().unwrap().to_lowercase();
+    for leak in [
+        "refused by the test",
+        "45000",
+        "insert",
+        "kv_entries",
+        "select",
+        "trigger",
+    ] {
+        assert!(!detail.contains(leak), "detail leaks {leak:?}: {detail}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 
+use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -74,6 +75,45 @@ async fn pages_never_skip_or_repeat() {
 }
 
 #[tokio::test]
+async fn pages_hold_100_entries_unless_asked_otherwise() {
+    let (app, _db) = spawn_app(&[]).await;
+    for chunk in (0..101).collect::<Vec<u32>>().chunks(25) {
+        join_all(chunk.iter().map(|i| {
+            let app = &app;
+            async move { app.put_value(&format!("d/{i:03}"), json!(i)).await }
+        }))
+        .await;
+    }
+    let r = app.get("/v1/keys?prefix=d/").await;
+    assert_eq!(r.status(), 200);
+    let link = r.headers()["link"].to_str().unwrap().to_string();
+    let page: Value = r.json().await.unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 100);
+    assert_eq!(page["items"][99]["key"], "d/099");
+    let c = page["next_cursor"].as_str().expect("a next page");
+    assert!(link.contains(c) && link.ends_with("rel=\"next\""), "{link}");
+    let last: Value = app
+        .get(&format!("/v1/keys?cursor={c}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(last["items"].as_array().unwrap().len(), 1);
+    assert_eq!(last["items"][0]["key"], "d/100");
+    assert_eq!(last["next_cursor"], Value::Null);
+    // 1..=1000 is the range of `limit`.
+    assert_eq!(app.get("/v1/keys?prefix=d/&limit=1000").await.status(), 200);
+    for bad in ["0", "1001", "-1", "ten", ""] {
+        assert_problem(
+            app.get(&format!("/v1/keys?limit={bad}")).await,
+            400,
+            "invalid_request",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
 async fn byte_order_and_unicode_prefixes() {
     let (app, _db) = spawn_app(&[]).await;
     for k in ["b", "B", "a", "é", "z", "%C3%A9t%C3%A9", "a%2Fb"] {
@@ -125,9 +165,16 @@ async fn keys_present_for_the_whole_walk_appear_once_despite_concurrent_changes(
                 .iter()
                 .map(|i| i["key"].as_str().unwrap().to_string()),
         );
-        // Between pages: add keys before and after the cursor, delete odd extra keys.
+        // Between pages: add keys before and after the cursor, delete the one added before,
+        // rewrite an original key.
         app.put_value(&format!("w/{:02}x", round), json!("new"))
             .await;
+        if round > 0 {
+            assert_eq!(
+                app.delete(&format!("w/{:02}x", round - 1)).await.status(),
+                204
+            );
+        }
         app.put_value(&format!("w/{:02}", round * 2 + 1), json!("rewritten"))
             .await;
         round += 1;

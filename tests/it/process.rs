@@ -91,20 +91,82 @@ fn configuration_errors_exit_2_with_one_sentence() {
 
 #[tokio::test]
 async fn migrate_and_import_commands() {
+    use mysql_async::prelude::Queryable;
     let db = TestDb::new().await;
-    for _ in 0..2 {
-        let mut cmd = Command::new(BIN);
-        let out = clean_env(&mut cmd)
-            .env("KV_DATABASE_URL", &db.url)
-            .arg("migrate")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    // `migrate` waits for the named migration lock: held here, nothing is applied until it
+    // is released.
+    let mut holder = db.conn().await;
+    let db_name: String = holder
+        .query_first("SELECT DATABASE()")
+        .await
+        .unwrap()
+        .unwrap();
+    let lock = format!("kvstore.migrate.{db_name}");
+    let got: Option<i64> = holder
+        .exec_first("SELECT GET_LOCK(?, 0)", (lock.as_str(),))
+        .await
+        .unwrap();
+    assert_eq!(got, Some(1));
+    let mut cmd = Command::new(BIN);
+    let mut child = clean_env(&mut cmd)
+        .env("KV_DATABASE_URL", &db.url)
+        .arg("migrate")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "migrate did not wait for the lock"
+    );
+    let mut probe = db.conn().await;
+    let tables: Vec<String> = probe
+        .query("SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()")
+        .await
+        .unwrap();
+    assert!(tables.is_empty(), "applied without the lock: {tables:?}");
+    let _: Option<i64> = holder
+        .exec_first("SELECT RELEASE_LOCK(?)", (lock.as_str(),))
+        .await
+        .unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "migrate failed after the lock was released"
+    );
+    // Every migration recorded once, the seed loaded; a second run applies nothing again.
+    let count = |sql: &'static str| {
+        let pool_url = db.url.clone();
+        async move {
+            let mut c = mysql_async::Conn::from_url(pool_url).await.unwrap();
+            let n: Option<u64> = c.query_first(sql).await.unwrap();
+            n.unwrap()
+        }
+    };
+    let migrations = kvstore::store::migrations::MIGRATIONS.len() as u64;
+    let seeded = "SELECT COUNT(*) FROM kv_entries WHERE k IN ('Homer', 'Jeffrey', 'Stan')";
+    assert_eq!(
+        count("SELECT COUNT(*) FROM kv_schema_migrations").await,
+        migrations
+    );
+    assert_eq!(count(seeded).await, 3);
+    let mut cmd = Command::new(BIN);
+    let out = clean_env(&mut cmd)
+        .env("KV_DATABASE_URL", &db.url)
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM kv_schema_migrations").await,
+        migrations
+    );
+    assert_eq!(count(seeded).await, 3);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("data.json");
     std::fs::write(
@@ -144,50 +206,17 @@ async fn migrate_and_import_commands() {
 #[tokio::test]
 async fn serves_logs_json_and_shuts_down_gracefully_on_sigterm() {
     let db = TestDb::new().await;
-    let password_marker = db.url.clone();
-    let mut cmd = Command::new(BIN);
-    let mut child = clean_env(&mut cmd)
-        .env("KV_DATABASE_URL", &db.url)
-        .env("KV_LISTEN_ADDR", "127.0.0.1:0")
-        .env("KV_METRICS_ADDR", "127.0.0.1:0")
-        .env("KV_SHUTDOWN_DELAY", "1s")
-        .env("KV_SHUTDOWN_TIMEOUT", "5s")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let http = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("listening line");
-        lines.push(line.clone());
-        let rec: Value = serde_json::from_str(&line).expect("every stdout line is JSON");
-        if rec["msg"] == "listening" {
-            break format!("http://{}", rec["http_addr"].as_str().unwrap());
-        }
-    };
+    let Serving {
+        mut child,
+        rx,
+        mut lines,
+        http,
+    } = serve(
+        &db.url,
+        &[("KV_SHUTDOWN_DELAY", "1s"), ("KV_SHUTDOWN_TIMEOUT", "5s")],
+    );
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .get(format!("{http}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready_at(&client, &http).await;
     let r = client
         .get(format!("{http}/v1/keys/Homer"))
         .send()
@@ -197,10 +226,17 @@ async fn serves_logs_json_and_shuts_down_gracefully_on_sigterm() {
 
     let started = Instant::now();
     unsafe_kill(child.id(), "TERM");
-    // During the shutdown delay the instance still serves, but is not ready.
+    // During the shutdown delay the instance still serves, but is not ready, and says why.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = client.get(format!("{http}/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(doc["code"], "unavailable");
+    assert!(
+        doc["detail"].as_str().unwrap().contains("shutting down"),
+        "{doc}"
+    );
     assert_eq!(
         client
             .get(format!("{http}/v1/keys/Homer"))
@@ -210,16 +246,7 @@ async fn serves_logs_json_and_shuts_down_gracefully_on_sigterm() {
             .status(),
         200
     );
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
     assert!(
         started.elapsed() >= Duration::from_secs(1),
@@ -260,7 +287,129 @@ async fn serves_logs_json_and_shuts_down_gracefully_on_sigterm() {
         !lines.iter().any(|l| l.contains("Simpson")),
         "a stored value was logged"
     );
-    let _ = password_marker;
+}
+
+#[tokio::test]
+async fn sigint_shuts_down_too_and_a_second_signal_exits_at_once() {
+    let db = TestDb::new().await;
+    let client = reqwest::Client::new();
+    // SIGINT (Ctrl-C) gives the same graceful shutdown as SIGTERM: exit 0.
+    let mut s = serve(&db.url, &[("KV_SHUTDOWN_DELAY", "200ms")]);
+    wait_ready_at(&client, &s.http).await;
+    unsafe_kill(s.child.id(), "INT");
+    assert_eq!(
+        wait_exit(&mut s.child, Duration::from_secs(10)).code(),
+        Some(0)
+    );
+    // A second signal during a long shutdown delay ends the process at once.
+    let mut s = serve(&db.url, &[("KV_SHUTDOWN_DELAY", "60s")]);
+    wait_ready_at(&client, &s.http).await;
+    unsafe_kill(s.child.id(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while client
+        .get(format!("{}/readyz", s.http))
+        .send()
+        .await
+        .map(|r| r.status() == 200)
+        .unwrap_or(false)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "SIGTERM did not start the shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        s.child.try_wait().unwrap().is_none(),
+        "the delay was not honoured"
+    );
+    let second = Instant::now();
+    unsafe_kill(s.child.id(), "INT");
+    let status = wait_exit(&mut s.child, Duration::from_secs(5));
+    assert!(
+        second.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        second.elapsed()
+    );
+    assert!(
+        !status.success(),
+        "an interrupted shutdown must not look clean"
+    );
+}
+
+/// A serving `kvstore` process on free ports.
+struct Serving {
+    child: std::process::Child,
+    /// Its stdout lines after those in `lines`.
+    rx: std::sync::mpsc::Receiver<String>,
+    /// Its stdout lines up to the "listening" line.
+    lines: Vec<String>,
+    /// Its API's base URL.
+    http: String,
+}
+
+fn serve(db_url: &str, env: &[(&str, &str)]) -> Serving {
+    let mut cmd = Command::new(BIN);
+    let mut child = clean_env(&mut cmd)
+        .env("KV_DATABASE_URL", db_url)
+        .env("KV_LISTEN_ADDR", "127.0.0.1:0")
+        .env("KV_METRICS_ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let http = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("listening line");
+        lines.push(line.clone());
+        let rec: Value = serde_json::from_str(&line).expect("every stdout line is JSON");
+        if rec["msg"] == "listening" {
+            break format!("http://{}", rec["http_addr"].as_str().unwrap());
+        }
+    };
+    Serving {
+        child,
+        rx,
+        lines,
+        http,
+    }
+}
+
+async fn wait_ready_at(client: &reqwest::Client, http: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("{http}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(started.elapsed() < within, "did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {

@@ -34,6 +34,10 @@ async fn expired_entry_is_absent_at_once_even_when_cached() {
         .unwrap();
     assert_problem(r, 404, "not_found").await;
     assert_eq!(app.stats().await["keys"].as_u64().unwrap(), keys_before - 1);
+    // HEAD and DELETE see it absent too.
+    let r = app.client.head(app.url("/v1/keys/t")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_problem(app.delete("t").await, 404, "not_found").await;
     // If-Match against the expired entry fails; a plain PUT re-creates it at version 1.
     let r = app
         .client
@@ -50,6 +54,19 @@ async fn expired_entry_is_absent_at_once_even_when_cached() {
     assert_eq!(e["version"], 1);
     assert_eq!(e["expires_at"], Value::Null);
     assert_problem(app.delete("never-there").await, 404, "not_found").await;
+    // A create-only write (If-None-Match: *) of an expired key succeeds: it is absent.
+    app.put("u", json!({"value": 1, "ttl_seconds": 1})).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = app
+        .client
+        .put(app.url("/v1/keys/u"))
+        .header("if-none-match", "*")
+        .json(&json!({"value": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.json::<Value>().await.unwrap()["version"], 1);
 }
 
 #[tokio::test]
