@@ -61,11 +61,12 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS line")
 }
 
-/// Number of open file descriptors of a process.
+/// Number of open file descriptors of a process (panics if they cannot be read: a count of
+/// 0 would make every "no descriptor leaked" check pass).
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
+        .count()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -570,14 +570,8 @@ async fn request_ids() {
         .send()
         .await
         .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let line = app
-        .logs
-        .lines()
-        .into_iter()
-        .find(|l| l.contains("\"find-me\""))
-        .expect("access line");
-    let rec: Value = serde_json::from_str(&line).unwrap();
+    let rec = access_line(&app, "find-me").await;
+    let line = rec.to_string();
     assert_eq!(rec["msg"], "request");
     assert_eq!(rec["route"], "/v1/keys/{key}");
     assert_eq!(rec["method"], "GET");

@@ -61,8 +61,9 @@ async fn writes_need_a_valid_token() {
         404,
         "refused writes wrote nothing"
     );
-    // Either token works; reads stay open; probes and metrics never need one.
-    for t in [T1, T2] {
+    // Either token works (created, then replaced); reads stay open; probes and metrics
+    // never need one; with tokens there is no "no token" warning.
+    for (t, status) in [(T1, 201), (T2, 200)] {
         let r = app
             .client
             .put(app.url("/v1/keys/k"))
@@ -71,8 +72,13 @@ async fn writes_need_a_valid_token() {
             .send()
             .await
             .unwrap();
-        assert!(r.status().is_success());
+        assert_eq!(r.status(), status);
     }
+    assert!(!app
+        .logs
+        .lines()
+        .iter()
+        .any(|l| l.contains("no API token configured")));
     let r = app
         .client
         .delete(app.url("/v1/keys/k"))
@@ -106,9 +112,22 @@ async fn reads_need_a_token_with_auth_reads() {
         ("KV_AUTH_READS", "true"),
     ])
     .await;
-    assert_problem(app.get("/v1/keys/Homer").await, 401, "unauthorized").await;
-    assert_problem(app.get("/v1/keys").await, 401, "unauthorized").await;
-    assert_problem(app.get("/v1/stats").await, 401, "unauthorized").await;
+    for path in ["/v1/keys/Homer", "/v1/keys", "/v1/stats"] {
+        let r = app.get(path).await;
+        assert_eq!(
+            r.headers()["www-authenticate"],
+            "Bearer realm=\"kvstore\"",
+            "{path}"
+        );
+        assert_problem(r, 401, "unauthorized").await;
+    }
+    let r = app
+        .client
+        .head(app.url("/v1/keys/Homer"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     let r = app
         .client
         .get(app.url("/v1/keys/Homer"))
@@ -119,4 +138,5 @@ async fn reads_need_a_token_with_auth_reads() {
     assert_eq!(r.status(), 200);
     assert_eq!(app.get("/healthz").await.status(), 200);
     assert_eq!(app.get("/readyz").await.status(), 200);
+    assert!(app.metrics_text().await.contains("kvstore_build_info"));
 }

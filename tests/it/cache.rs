@@ -187,7 +187,30 @@ async fn cached_keys_are_served_while_the_database_is_down() {
             "{mode:?}: took {:?}",
             start.elapsed()
         );
-        // Readiness fails, liveness does not.
+        // So does everything else that needs the database: delete, POST, listing, stats.
+        let start = Instant::now();
+        let (del, post, list, stats) = tokio::join!(
+            app.client.delete(app.url("/v1/keys/warm")).send(),
+            app.client
+                .post(app.url("/v1/keys"))
+                .json(&json!({"key": cold, "value": 1}))
+                .send(),
+            app.client.get(app.url("/v1/keys?prefix=w")).send(),
+            app.client.get(app.url("/v1/stats")).send(),
+        );
+        for r in [del, post, list, stats] {
+            let r = r.unwrap();
+            assert!(r.headers().contains_key("retry-after"), "{mode:?}: {r:?}");
+            assert_problem(r, 503, "unavailable").await;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "{mode:?}: took {:?}",
+            start.elapsed()
+        );
+        // The failed delete left the cached entry alone.
+        assert_eq!(app.get("/v1/keys/warm").await.status(), 200, "{mode:?}");
+        // Readiness fails (and says why), liveness does not.
         let deadline = Instant::now() + Duration::from_secs(5);
         while app.get("/readyz").await.status() != 503 {
             assert!(
@@ -196,6 +219,14 @@ async fn cached_keys_are_served_while_the_database_is_down() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let doc: Value = app.get("/readyz").await.json().await.unwrap();
+        assert!(
+            doc["detail"]
+                .as_str()
+                .unwrap()
+                .contains("database is unreachable"),
+            "{doc}"
+        );
         assert_eq!(app.get("/healthz").await.status(), 200);
         let root: Value = app.get("/").await.json().await.unwrap();
         assert_eq!(root["database"]["reachable"], false);
