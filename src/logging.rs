@@ -328,9 +328,9 @@ fn access_json(buf: &mut Vec<u8>, a: &Access, now: crate::time::Micros) {
         b'0' + (frac / 10 % 10) as u8,
         b'0' + (frac % 10) as u8,
     ];
-    let keep = if frac % 100 == 0 {
+    let keep = if frac.is_multiple_of(100) {
         1
-    } else if frac % 10 == 0 {
+    } else if frac.is_multiple_of(10) {
         2
     } else {
         3
