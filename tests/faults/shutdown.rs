@@ -52,7 +52,7 @@ async fn sigterm_under_load_loses_no_request_and_exits_0() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let rec = if n % 2 == 0 {
+                let rec = if n.is_multiple_of(2) {
                     let key = format!("sd/{t}/{n}");
                     record(
                         "write",
