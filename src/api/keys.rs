@@ -25,6 +25,9 @@ pub const MAX_KEY_BYTES: usize = 512;
 pub const TTL_MAX_SECONDS: u64 = 31_536_000;
 pub const LIST_DEFAULT_LIMIT: usize = 100;
 pub const LIST_MAX_LIMIT: usize = 1000;
+/// A listing page stops once it holds this many bytes of keys and values (one entry at
+/// least): a page of 1000 values of 1 MiB would otherwise be 1 GB in memory, twice.
+pub const LIST_MAX_PAGE_BYTES: usize = 4 << 20;
 /// Oversized bodies are read and discarded (never buffered) up to this much, so that a
 /// client still sending gets the 413 instead of a connection reset.
 const DRAIN_MAX_BYTES: usize = 32 * 1024 * 1024;
@@ -350,12 +353,10 @@ async fn list(state: &State, req: &Req) -> Result<Response, ApiError> {
             "prefix contains a control character (no key can)".into(),
         ));
     }
-    let mut rows = state
+    let (rows, more) = state
         .store
-        .list(&prefix, after.as_deref(), limit + 1)
+        .list(&prefix, after.as_deref(), limit, LIST_MAX_PAGE_BYTES)
         .await?;
-    let more = rows.len() > limit;
-    rows.truncate(limit);
     let next = if more {
         rows.last().map(|e| encode_cursor(&prefix, &e.key))
     } else {

@@ -308,12 +308,18 @@ impl Store {
     }
 
     /// Live entries with `prefix`, strictly after `after` (if any), in key byte order.
+    /// One page of live entries under `prefix`, after the key `after`, in key order: at most
+    /// `limit` entries, and no more once `max_bytes` of keys and values are in the page (one
+    /// entry at least, whatever its size). The rows are read one at a time and the rest of the
+    /// result discarded, so a page holds at most `max_bytes` plus one entry in memory however
+    /// large the values. Returns the page and whether entries follow it.
     pub async fn list(
         &self,
         prefix: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<Entry>, DbError> {
+        max_bytes: usize,
+    ) -> Result<(Vec<Entry>, bool), DbError> {
         let now = time::now_micros();
         let upper = prefix_upper_bound(prefix.as_bytes());
         let mut sql = String::from(
@@ -336,13 +342,26 @@ impl Store {
         }
         sql.push_str(" AND (expires_at IS NULL OR expires_at > ?) ORDER BY k LIMIT ?");
         params.push(time::to_sql(now));
-        params.push(Value::UInt(limit as u64));
+        // One more than the page: it tells whether entries follow.
+        params.push(Value::UInt(limit as u64 + 1));
         let (sql, params) = (sql.as_str(), &params);
         self.db
             .run("list", |mut conn: Conn| {
                 Box::pin(async move {
-                    let rows: Vec<Row> = conn.exec(sql, params.clone()).await?;
-                    rows.into_iter().map(entry_from_row).collect()
+                    let mut result = conn.exec_iter(sql, params.clone()).await?;
+                    let (mut page, mut bytes, mut more) = (Vec::new(), 0usize, false);
+                    while let Some(row) = result.next().await? {
+                        if page.len() == limit || (bytes >= max_bytes && !page.is_empty()) {
+                            more = true;
+                            break;
+                        }
+                        let e = entry_from_row(row)?;
+                        bytes += e.key.len() + e.value.len();
+                        page.push(e);
+                    }
+                    // The rows not taken are read and dropped one by one.
+                    result.drop_result().await?;
+                    Ok((page, more))
                 })
             })
             .await

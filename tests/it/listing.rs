@@ -75,6 +75,49 @@ async fn pages_never_skip_or_repeat() {
 }
 
 #[tokio::test]
+async fn pages_stop_after_4_mib_of_keys_and_values() {
+    let (app, _db) = spawn_app(&[]).await;
+    // Six values of 1 MB: the first page takes entries until 4 MiB are reached (five), the
+    // second the last one; nothing is skipped or repeated, and no page is empty.
+    let big = "x".repeat(1_000_000);
+    for i in 0..6 {
+        assert_eq!(
+            app.put_value(&format!("big/{i}"), json!(big))
+                .await
+                .status(),
+            201
+        );
+    }
+    let mut sizes = Vec::new();
+    let mut keys = Vec::new();
+    let mut url = "/v1/keys?prefix=big/&limit=1000".to_string();
+    loop {
+        let page: Value = app.get(&url).await.json().await.unwrap();
+        let items = page["items"].as_array().unwrap();
+        sizes.push(items.len());
+        keys.extend(items.iter().map(|i| i["key"].as_str().unwrap().to_string()));
+        assert!(items
+            .iter()
+            .all(|i| i["value"].as_str() == Some(big.as_str())));
+        match page["next_cursor"].as_str() {
+            Some(c) => url = format!("/v1/keys?cursor={c}&limit=1000"),
+            None => break,
+        }
+    }
+    assert_eq!(sizes, vec![5, 1]);
+    assert_eq!(keys, (0..6).map(|i| format!("big/{i}")).collect::<Vec<_>>());
+    // A smaller limit still applies.
+    let page: Value = app
+        .get("/v1/keys?prefix=big/&limit=1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert!(page["next_cursor"].is_string());
+}
+
+#[tokio::test]
 async fn pages_hold_100_entries_unless_asked_otherwise() {
     let (app, _db) = spawn_app(&[]).await;
     for chunk in (0..101).collect::<Vec<u32>>().chunks(25) {
