@@ -44,6 +44,8 @@ const KEEP_CHANGES: Duration = Duration::from_secs(600);
 /// A change-log id missing below the newest one seen is re-polled this long (its
 /// transaction may still commit); after that it is taken as rolled back.
 const GAP_PATIENCE: Duration = Duration::from_secs(15);
+/// Most skipped change-log ids re-polled at once (one SQL parameter each).
+const MAX_GAPS: usize = 10_000;
 /// At start, ids this far below the newest are checked for ones still uncommitted.
 const START_WINDOW: u64 = 1000;
 
@@ -449,8 +451,14 @@ async fn purge_loop(state: Arc<State>) {
     }
 }
 
-/// Polls the change log and drops cached keys that other replicas changed. Ids can commit
-/// out of order, so ids skipped below the newest one seen are re-polled for a while.
+/// Polls the change log and drops cached entries older than a change. Ids can commit out of
+/// order, so ids skipped below the newest one seen are re-polled for a while.
+///
+/// This instance's own changes are applied too. A write updates the cache itself once it has
+/// committed, but a request cancelled after the commit (its client gone, its time budget
+/// spent) never gets there; the poll then drops the entry it left stale within an interval.
+/// For every other own write the cached entry is the change's revision already, and nothing
+/// happens.
 async fn invalidation_loop(state: Arc<State>) {
     while !state.health.migrated.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -478,26 +486,39 @@ async fn invalidation_loop(state: Arc<State>) {
     state.health.cache_armed.store(true, Ordering::SeqCst);
     let mut tick = tokio::time::interval(state.config.invalidation_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let origin = state.store.origin();
+    let mut failing = false;
     loop {
         tick.tick().await;
+        // Skipped ids are given up after a while, and beyond MAX_GAPS (oldest first), also
+        // while polls fail: an auto-increment step above 1 (Galera, group replication) leaves
+        // gaps on every write, and an id list without bound would make every poll fail.
+        let now = Instant::now();
+        gaps.retain(|(_, seen)| now.duration_since(*seen) < GAP_PATIENCE);
+        gaps.drain(..gaps.len().saturating_sub(MAX_GAPS));
         let gap_ids: Vec<u64> = gaps.iter().map(|(id, _)| *id).collect();
         let changes = match state.store.changes_since(last, &gap_ids).await {
             Ok(c) => c,
-            Err(_) => continue,
+            Err(e) => {
+                if !failing {
+                    warn!(state.log, "change-log poll failed: until it works again, other replicas' writes reach this cache only when entries expire (KV_CACHE_TTL)";
+                        "error" => e.to_string());
+                    failing = true;
+                }
+                continue;
+            }
         };
-        let now = Instant::now();
+        if failing {
+            info!(state.log, "change-log poll works again");
+            failing = false;
+        }
         for c in &changes {
             if c.id > last {
-                gaps.extend((last + 1..c.id).take(10_000).map(|id| (id, now)));
+                gaps.extend((last + 1..c.id).take(MAX_GAPS).map(|id| (id, now)));
                 last = c.id;
             }
             gaps.retain(|(id, _)| *id != c.id);
-            if c.origin != origin {
-                state.cache.invalidate(&c.key, c.id).await;
-            }
+            state.cache.invalidate(&c.key, c.id).await;
         }
-        gaps.retain(|(_, seen)| now.duration_since(*seen) < GAP_PATIENCE);
     }
 }
 

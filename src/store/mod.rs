@@ -147,7 +147,6 @@ pub enum WriteOutcome {
 pub struct Change {
     pub id: u64,
     pub key: String,
-    pub origin: u64,
 }
 
 /// The database side of the service. Cheap to clone.
@@ -262,10 +261,6 @@ impl Store {
             reads: Arc::new(reads),
             writes: Arc::new(writes),
         }
-    }
-
-    pub fn origin(&self) -> u64 {
-        self.db.origin
     }
 
     /// Closes every pooled connection (after the HTTP drain, at shutdown).
@@ -501,7 +496,7 @@ impl Store {
 
     /// Change-log rows after `after`, plus any of the `gaps` ids that have committed since.
     pub async fn changes_since(&self, after: u64, gaps: &[u64]) -> Result<Vec<Change>, DbError> {
-        let mut sql = String::from("SELECT id, k, origin FROM kv_changes WHERE id > ?");
+        let mut sql = String::from("SELECT id, k FROM kv_changes WHERE id > ?");
         let mut params = vec![Value::UInt(after)];
         if !gaps.is_empty() {
             sql.push_str(" OR id IN (");
@@ -516,13 +511,12 @@ impl Store {
         self.db
             .run("poll", |mut conn: Conn| {
                 Box::pin(async move {
-                    let rows: Vec<(u64, Vec<u8>, u64)> = conn.exec(sql, params.clone()).await?;
+                    let rows: Vec<(u64, Vec<u8>)> = conn.exec(sql, params.clone()).await?;
                     Ok(rows
                         .into_iter()
-                        .map(|(id, k, origin)| Change {
+                        .map(|(id, k)| Change {
                             id,
                             key: String::from_utf8_lossy(&k).into_owned(),
-                            origin,
                         })
                         .collect())
                 })

@@ -323,3 +323,54 @@ async fn a_slow_loader_never_overwrites_a_newer_write() {
         "cache must hold the newer write, holds {body}"
     );
 }
+
+/// A write whose request is cancelled after it reached the database (the client gave up while
+/// the row was locked) still commits, and never updated this instance's cache: the change-log
+/// poll drops the stale entry, as it does for other replicas' writes, instead of leaving it
+/// for a whole `KV_CACHE_TTL`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cancelled_after_reaching_the_database_does_not_leave_the_cache_stale() {
+    let (app, db) = spawn_app(&[("KV_CACHE_TTL", "1h")]).await;
+    app.put_value("abandoned", json!("old")).await;
+    let r = app.get("/v1/keys/abandoned").await;
+    assert_eq!(cache_status(&r), "kvstore; hit");
+    // Hold the row: the write waits on its lock.
+    let mut holder = db.conn().await;
+    holder.query_drop("START TRANSACTION").await.unwrap();
+    holder
+        .query_drop("SELECT v FROM kv_entries WHERE k = 'abandoned' FOR UPDATE")
+        .await
+        .unwrap();
+    let gave_up = app
+        .client
+        .put(app.url("/v1/keys/abandoned"))
+        .timeout(Duration::from_millis(300))
+        .json(&json!({"value": "new"}))
+        .send()
+        .await;
+    assert!(
+        gave_up.is_err(),
+        "the write should still be waiting: {gave_up:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.query_drop("COMMIT").await.unwrap();
+    // The write commits now; within a few poll intervals the instance serves it.
+    let mut conn = db.conn().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stored: Option<Vec<u8>> = conn
+            .query_first("SELECT v FROM kv_entries WHERE k = 'abandoned'")
+            .await
+            .unwrap();
+        let served: Value = app.get("/v1/keys/abandoned").await.json().await.unwrap();
+        if stored.as_deref() == Some(&b"\"new\""[..]) && served["value"] == "new" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stored {:?}, served {served}",
+            stored.map(|v| String::from_utf8_lossy(&v).into_owned())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
