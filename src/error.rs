@@ -179,13 +179,33 @@ impl DbError {
         match self {
             DbError::Timeout(_) | DbError::Unreachable(_) => true,
             // 1205 lock wait timeout, 1213 deadlock (after retries), 1040 too many
-            // connections, 1053 shutdown in progress, 2006/2013 gone away, 1927 killed,
-            // 1290 read-only (failover in progress), 1146 / 1305 no such table / procedure
-            // (the schema is not migrated yet: a request that beat readiness).
+            // connections, 1203 / 1226 the user's connection or resource limit reached,
+            // 1045 access denied (credentials being rotated), 1053 shutdown in progress,
+            // 2006/2013 gone away, 4031 disconnected for inactivity, 1927 killed, 1969 / 3024
+            // statement time limit (MariaDB / MySQL), 3101 rolled back by a replication
+            // plugin (group replication conflict), 1290 read-only (failover in progress),
+            // 1146 / 1305 no such table / procedure (the schema is not migrated yet: a
+            // request that beat readiness).
             DbError::Server { code, .. } => {
                 matches!(
                     code,
-                    1205 | 1213 | 1040 | 1053 | 2006 | 2013 | 1927 | 1290 | 1062 | 1146 | 1305
+                    1205 | 1213
+                        | 1040
+                        | 1203
+                        | 1226
+                        | 1045
+                        | 1053
+                        | 2006
+                        | 2013
+                        | 4031
+                        | 1927
+                        | 1969
+                        | 3024
+                        | 3101
+                        | 1290
+                        | 1062
+                        | 1146
+                        | 1305
                 )
             }
             DbError::Other(_) => false,
@@ -232,12 +252,15 @@ mod tests {
     fn unavailable_means_retry_later_and_the_rest_is_a_bug() {
         // Lock wait, deadlock, too many connections, gone away, read-only, schema not yet
         // migrated (no such table / procedure): 503 with Retry-After.
-        for code in [1205, 1213, 1040, 2006, 1290, 1146, 1305] {
+        for code in [
+            1205, 1213, 1040, 1203, 1226, 1045, 2006, 4031, 1969, 3024, 3101, 1290, 1146, 1305,
+        ] {
             assert!(server(code).is_unavailable(), "{code}");
         }
         assert!(DbError::Timeout("query").is_unavailable());
         // A syntax error or a driver surprise is ours: 500.
         assert!(!server(1064).is_unavailable());
+        assert!(!server(1054).is_unavailable());
         assert!(!DbError::Other("x".into()).is_unavailable());
         assert!(server(1213).is_retryable() && !server(1205).is_retryable());
     }
