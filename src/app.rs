@@ -33,6 +33,7 @@ use crate::error::ApiError;
 use crate::logging::AccessLog;
 use crate::metrics::{self, Metrics};
 use crate::refusal::{Recorder, RefusalIo};
+use crate::stall::StallGuard;
 use crate::store::Store;
 
 /// Version and revision baked in by `build.rs`.
@@ -246,7 +247,8 @@ fn log_startup(state: &State, http: SocketAddr, metrics: SocketAddr) {
 
 /// Accepts connections until told to stop; each is served over HTTP/1.1 with a header
 /// read timeout (timed by its own [`ConnectionTimer`]), hyper's own refusals rewritten as
-/// problem documents ([`RefusalIo`]), and watched by the graceful-shutdown handle.
+/// problem documents ([`RefusalIo`]), writes that make no progress for `KV_REQUEST_TIMEOUT`
+/// failed ([`StallGuard`]), and watched by the graceful-shutdown handle.
 async fn accept_loop<H, F>(
     listener: TcpListener,
     handler: H,
@@ -283,7 +285,10 @@ async fn accept_loop<H, F>(
         let mut builder = builder.clone();
         builder.timer(ConnectionTimer::default());
         let conn = builder.serve_connection(
-            TokioIo::new(RefusalIo::new(stream, recorder.clone())),
+            TokioIo::new(RefusalIo::new(
+                StallGuard::new(stream, state.config.request_timeout),
+                recorder.clone(),
+            )),
             hyper::service::service_fn(handler.clone()),
         );
         let watched = graceful.watch(conn);

@@ -11,5 +11,6 @@ pub mod import;
 pub mod logging;
 pub mod metrics;
 pub mod refusal;
+pub mod stall;
 pub mod store;
 pub mod time;

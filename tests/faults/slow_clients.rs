@@ -262,3 +262,80 @@ async fn idle_and_trickling_connections_do_not_starve_others() {
         ),
     );
 }
+
+/// Clients that ask for large answers and never read them: each pipelines requests for 4 MiB
+/// listing pages through a 4 KiB receive buffer. Once the socket buffers are full the
+/// service's writes stall; after `KV_REQUEST_TIMEOUT` (1 s here) it closes the connection
+/// (the client sees the end of the stream long before the answers it asked for) and lets go
+/// of what it held; others are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_their_answers_are_let_go() {
+    const CLIENTS: usize = 10;
+    const PIPELINED: usize = 8;
+    let _serial = serial().await;
+    let db = fresh_db().await;
+    let svc = Service::start(&[
+        ("KV_DATABASE_URL", db.url.as_str()),
+        ("KV_REQUEST_TIMEOUT", "1s"),
+        ("KV_ACCESS_LOG", "false"),
+    ])
+    .await;
+    svc.wait_ready(Duration::from_secs(20)).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let big = "x".repeat(1_000_000);
+    for i in 0..5 {
+        let r = client
+            .put(svc.url(&format!("/v1/keys/big/{i}")))
+            .json(&serde_json::json!({ "value": big }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let fds_before = svc.open_fds();
+    let rss_before = svc.rss_kib();
+    let request = "GET /v1/keys?prefix=big/ HTTP/1.1\r\nHost: x\r\n\r\n".repeat(PIPELINED);
+    let mut stalled = Vec::new();
+    for _ in 0..CLIENTS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(svc.http_addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        stalled.push(s);
+    }
+    // Others are served meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let r = client.get(svc.url("/v1/keys/Homer")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let normal = t.elapsed();
+    assert!(normal < NORMAL_BOUND, "{normal:?}");
+    // Past the timeout, every stalled connection has been closed: reading it now ends well
+    // before the 8 × ≈ 5 MB it asked for.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let full = PIPELINED * 5_000_000;
+    for s in stalled {
+        let (_, got) = until_closed(s, Duration::from_secs(10))
+            .await
+            .expect("the stalled connection was never closed");
+        assert!(got.len() < full / 2, "received {} bytes", got.len());
+    }
+    // (Descriptors are reported, not asserted: the listings also grew the database pool.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fds_after = svc.open_fds();
+    let rss_after = svc.rss_kib();
+    report(
+        "stalled_readers",
+        format!(
+            "{CLIENTS} clients × {PIPELINED} pipelined 5 MB pages, never read: closed after the \
+             1 s request timeout; a normal GET meanwhile in {}; fds {fds_before} -> {fds_after}; \
+             RSS {} -> {} MiB",
+            ms(normal),
+            rss_before / 1024,
+            rss_after / 1024
+        ),
+    );
+}
