@@ -7,6 +7,16 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
+/// The keys of a listing page, in order.
+fn keys_of(page: &Value) -> Vec<&str> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect()
+}
+
 async fn walk(app: &TestApp, first: &str) -> (Vec<String>, usize) {
     let mut keys = Vec::new();
     let mut url = first.to_string();
@@ -163,12 +173,7 @@ async fn byte_order_and_unicode_prefixes() {
         app.put_value(k, json!(1)).await;
     }
     let page: Value = app.get("/v1/keys?limit=100").await.json().await.unwrap();
-    let keys: Vec<&str> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["key"].as_str().unwrap())
-        .collect();
+    let keys = keys_of(&page);
     assert_eq!(
         keys,
         vec!["B", "Homer", "Jeffrey", "Stan", "a", "a/b", "b", "z", "é", "été"]
@@ -201,13 +206,7 @@ async fn keys_present_for_the_whole_walk_appear_once_despite_concurrent_changes(
     let mut round = 0;
     loop {
         let page: Value = app.get(&url).await.json().await.unwrap();
-        seen.extend(
-            page["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|i| i["key"].as_str().unwrap().to_string()),
-        );
+        seen.extend(keys_of(&page).into_iter().map(String::from));
         // Between pages: add keys before and after the cursor, delete the one added before,
         // rewrite an original key.
         app.put_value(&format!("w/{:02}x", round), json!("new"))
@@ -258,12 +257,7 @@ async fn cursors_carry_the_prefix_and_reject_garbage() {
         .json()
         .await
         .unwrap();
-    let keys: Vec<&str> = next["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["key"].as_str().unwrap())
-        .collect();
+    let keys = keys_of(&next);
     assert_eq!(keys, vec!["c/1", "c/2"]);
     assert_eq!(
         app.get(&format!("/v1/keys?cursor={c}&prefix=c/"))
@@ -298,12 +292,7 @@ async fn cursors_carry_the_prefix_and_reject_garbage() {
             .json()
             .await
             .unwrap();
-        let keys: Vec<&str> = page["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["key"].as_str().unwrap())
-            .collect();
+        let keys = keys_of(&page);
         assert_eq!(keys, vec![key], "prefix={prefix}");
     }
     for bad in ["garbage", "eyJ4IjoxfQ", "%FF", "AAAA"] {
@@ -326,11 +315,6 @@ async fn expired_entries_are_never_listed() {
     assert_eq!(page["items"].as_array().unwrap().len(), 2);
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let page: Value = app.get("/v1/keys?prefix=e/").await.json().await.unwrap();
-    let keys: Vec<&str> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["key"].as_str().unwrap())
-        .collect();
+    let keys = keys_of(&page);
     assert_eq!(keys, vec!["e/long"]);
 }

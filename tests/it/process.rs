@@ -151,17 +151,7 @@ async fn migrate_and_import_commands() {
         migrations
     );
     assert_eq!(count(seeded).await, 3);
-    let mut cmd = Command::new(BIN);
-    let out = clean_env(&mut cmd)
-        .env("KV_DATABASE_URL", &db.url)
-        .arg("migrate")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(&db.url, &["migrate"]);
     assert_eq!(
         count("SELECT COUNT(*) FROM kv_schema_migrations").await,
         migrations
@@ -174,19 +164,9 @@ async fn migrate_and_import_commands() {
         r#"[{"Homer": "Simpson", "Marge": {"hair": "blue"}}, {"Bart": [1, 2], "Homer": "J."}]"#,
     )
     .unwrap();
-    let mut cmd = Command::new(BIN);
-    let out = clean_env(&mut cmd)
-        .env("KV_DATABASE_URL", &db.url)
-        .args(["import", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&db.url, &["import", file.to_str().unwrap()]);
     // Homer twice is one key, written once, with its last value.
-    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 3 keys"));
+    assert!(out.contains("imported 3 keys"), "{out}");
     std::fs::write(&file, "not json").unwrap();
     let mut cmd = Command::new(BIN);
     let out = clean_env(&mut cmd)
@@ -335,6 +315,22 @@ async fn sigint_shuts_down_too_and_a_second_signal_exits_at_once() {
         !status.success(),
         "an interrupted shutdown must not look clean"
     );
+}
+
+/// Runs `kvstore ARGS` against `db_url` to completion; it must succeed. Returns its stdout.
+fn run_ok(db_url: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new(BIN);
+    let out = clean_env(&mut cmd)
+        .env("KV_DATABASE_URL", db_url)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kvstore {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A serving `kvstore` process on free ports.
