@@ -302,7 +302,6 @@ impl Store {
         self.reads.submit(key.to_owned()).await
     }
 
-    /// Live entries with `prefix`, strictly after `after` (if any), in key byte order.
     /// One page of live entries under `prefix`, after the key `after`, in key order: at most
     /// `limit` entries, and no more once `max_bytes` of keys and values are in the page (one
     /// entry at least, whatever its size). The rows are read one at a time and the rest of the
