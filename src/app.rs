@@ -47,6 +47,10 @@ const KEEP_CHANGES: Duration = Duration::from_secs(600);
 const GAP_PATIENCE: Duration = Duration::from_secs(15);
 /// Most skipped change-log ids re-polled at once (one SQL parameter each).
 const MAX_GAPS: usize = 10_000;
+/// Connections the metrics port serves at once (a scraper or two, and someone's curl).
+const METRICS_MAX_CONNECTIONS: usize = 64;
+/// At the connection limit, the warning is repeated at most this often.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// At start, ids this far below the newest are checked for ones still uncommitted.
 const START_WINDOW: u64 = 1000;
 
@@ -128,14 +132,22 @@ pub async fn start(config: Config, log: Logger, access: AccessLog) -> std::io::R
         async move { Ok::<_, Infallible>(metrics_endpoint(&state, req).await) }
     };
     let api_loop = tokio::spawn(accept_loop(
-        http,
+        Listener {
+            tcp: http,
+            name: "api",
+            max_connections: state.config.max_connections,
+        },
         api_handler,
         graceful.clone(),
         stop_accepting_rx.clone(),
         state.clone(),
     ));
     let metrics_loop = tokio::spawn(accept_loop(
-        metrics_listener,
+        Listener {
+            tcp: metrics_listener,
+            name: "metrics",
+            max_connections: METRICS_MAX_CONNECTIONS,
+        },
         metrics_handler,
         graceful.clone(),
         stop_accepting_rx,
@@ -245,12 +257,26 @@ fn log_startup(state: &State, http: SocketAddr, metrics: SocketAddr) {
     info!(log, "listening"; "http_addr" => http.to_string(), "metrics_addr" => metrics.to_string());
 }
 
-/// Accepts connections until told to stop; each is served over HTTP/1.1 with a header
-/// read timeout (timed by its own [`ConnectionTimer`]), hyper's own refusals rewritten as
-/// problem documents ([`RefusalIo`]), writes that make no progress for `KV_REQUEST_TIMEOUT`
-/// failed ([`StallGuard`]), and watched by the graceful-shutdown handle.
+/// A listening socket and the connections it may have open at once.
+struct Listener {
+    tcp: TcpListener,
+    /// The `listener` label of the connection gauges.
+    name: &'static str,
+    max_connections: usize,
+}
+
+/// Accepts connections until told to stop, at most `max_connections` open at once; each is
+/// served over HTTP/1.1 with a header read timeout (timed by its own [`ConnectionTimer`]),
+/// hyper's own refusals rewritten as problem documents ([`RefusalIo`]), writes that make no
+/// progress for `KV_REQUEST_TIMEOUT` failed ([`StallGuard`]), and watched by the
+/// graceful-shutdown handle.
+///
+/// At the limit the loop stops accepting until a connection closes, as Go's
+/// `netutil.LimitListener` does: new connections wait in the kernel's listen backlog (and
+/// beyond it, the client's SYN retries), so a flood of connections costs the process no
+/// memory and no file descriptors, and the connections already open keep being served.
 async fn accept_loop<H, F>(
-    listener: TcpListener,
+    listener: Listener,
     handler: H,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
@@ -260,6 +286,17 @@ async fn accept_loop<H, F>(
     F: std::future::Future<Output = Result<Response, Infallible>> + Send + 'static,
 {
     let log = &state.log;
+    let open = state
+        .metrics
+        .http_connections
+        .with_label_values(&[listener.name]);
+    state
+        .metrics
+        .http_connections_max
+        .with_label_values(&[listener.name])
+        .set(listener.max_connections as i64);
+    let permits = Arc::new(tokio::sync::Semaphore::new(listener.max_connections));
+    let mut last_full_warning: Option<Instant> = None;
     let recorder = Arc::new(Recorder {
         metrics: state.metrics.clone(),
         access: state.access.clone(),
@@ -269,9 +306,20 @@ async fn accept_loop<H, F>(
         .header_read_timeout(state.config.header_read_timeout)
         .keep_alive(true);
     loop {
+        if permits.available_permits() == 0
+            && last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY)
+        {
+            warn!(log, "connection limit reached: new connections wait until one closes";
+                "listener" => listener.name, "max_connections" => listener.max_connections);
+            last_full_warning = Some(Instant::now());
+        }
+        let permit = tokio::select! {
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
         let stream = tokio::select! {
             _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.tcp.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -292,8 +340,12 @@ async fn accept_loop<H, F>(
             hyper::service::service_fn(handler.clone()),
         );
         let watched = graceful.watch(conn);
+        open.inc();
+        let open = open.clone();
         tokio::spawn(async move {
             let _ = watched.await;
+            open.dec();
+            drop(permit);
         });
     }
 }

@@ -30,6 +30,9 @@ pub struct Metrics {
     /// `with_label_values` hashes the labels and takes a lock on every call.
     http_series: Box<[OnceLock<(IntCounter, Histogram)>]>,
     pub http_in_flight: IntGauge,
+    /// Open connections and their limit, by listener (`api`, `metrics`).
+    pub http_connections: IntGaugeVec,
+    pub http_connections_max: IntGaugeVec,
     pub cache_hits: IntCounter,
     pub cache_misses: IntCounter,
     pub cache_entries: IntGauge,
@@ -90,6 +93,26 @@ impl Metrics {
             http_in_flight: reg(
                 r,
                 IntGauge::new("kvstore_http_requests_in_flight", "HTTP requests being served."),
+            ),
+            http_connections: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kvstore_http_connections_open",
+                        "Open client connections, by listener (api, metrics).",
+                    ),
+                    &["listener"],
+                ),
+            ),
+            http_connections_max: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "kvstore_http_connections_max",
+                        "Connections a listener serves at once; more wait to be accepted.",
+                    ),
+                    &["listener"],
+                ),
             ),
             cache_hits: reg(
                 r,

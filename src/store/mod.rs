@@ -174,7 +174,8 @@ struct Db {
     acquire_timeout: Duration,
     query_timeout: Duration,
     connect_timeout: Duration,
-    /// This process's id in the change log, so it can skip its own changes.
+    /// This process's id, written with its changes to the change log; a batched write finds
+    /// the rows it locked by it (see `lock_and_log`).
     origin: u64,
     /// The last timestamp a batched write used (`unique_now`).
     batch_clock: AtomicI64,
@@ -579,13 +580,12 @@ impl Db {
     where
         F: FnMut(Conn) -> BoxFuture<'a, Result<T, mysql_async::Error>>,
     {
-        let pool = if operation == "poll" {
-            &self.side_pool
-        } else {
-            &self.pool
-        };
+        // The change-log poll runs on the side pool, which the pool gauges leave out: they
+        // describe the pool that `kvstore_db_pool_connections_max` bounds.
+        let side = operation == "poll";
+        let pool = if side { &self.side_pool } else { &self.pool };
         let conn = self.acquire(pool, self.acquire_timeout).await?;
-        let _in_use = GaugeGuard::hold(&self.metrics.db_pool_in_use);
+        let _in_use = (!side).then(|| GaugeGuard::hold(&self.metrics.db_pool_in_use));
         match tokio::time::timeout(self.query_timeout, f(conn)).await {
             Ok(r) => r.map_err(DbError::from),
             Err(_) => Err(DbError::Timeout("query")),
@@ -593,7 +593,8 @@ impl Db {
     }
 
     async fn acquire(&self, pool: &Pool, within: Duration) -> Result<Conn, DbError> {
-        let _waiting = GaugeGuard::hold(&self.metrics.db_pool_waiting);
+        let _waiting =
+            std::ptr::eq(pool, &self.pool).then(|| GaugeGuard::hold(&self.metrics.db_pool_waiting));
         let r = tokio::time::timeout(within, pool.get_conn()).await;
         match r {
             Err(_) => Err(DbError::Timeout("connection")),

@@ -704,6 +704,95 @@ async fn the_metrics_port_serves_metrics_only_and_refuses_with_problems() {
     );
 }
 
+/// `KV_MAX_CONNECTIONS`: at the limit the API port stops accepting, so a new connection waits
+/// (in the listen backlog) until an open one closes, while the open ones keep being served
+/// and the metrics port (a limit of its own) keeps answering.
+#[tokio::test]
+async fn connections_over_the_limit_wait_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    const LIMIT: usize = 3;
+    let (app, _db) = spawn_app(&[("KV_MAX_CONNECTIONS", "3")]).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    async fn ask(s: &mut TcpStream) -> u16 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed without an answer");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.parse().unwrap())
+                    })
+                    .unwrap();
+                if body.len() >= len {
+                    return head[9..12].parse().unwrap();
+                }
+            }
+        }
+    }
+    let gauge = |name: &'static str| {
+        let app = &app;
+        async move {
+            let text = app.metrics_text().await;
+            let prefix = format!("{name}{{listener=\"api\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .unwrap_or_else(|| panic!("{prefix} in {text}"))
+                .parse::<usize>()
+                .unwrap()
+        }
+    };
+    assert_eq!(gauge("kvstore_http_connections_max").await, LIMIT);
+    // Fill the limit (the test client may hold an idle connection of its own already).
+    let mut held = Vec::new();
+    while gauge("kvstore_http_connections_open").await < LIMIT {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        assert_eq!(ask(&mut s).await, 200);
+        held.push(s);
+        assert!(
+            held.len() <= LIMIT,
+            "the open-connection gauge does not count them"
+        );
+    }
+    assert!(!held.is_empty());
+    // One more: the kernel completes the handshake, but the service does not take it up.
+    let mut waiting = TcpStream::connect(&addr).await.unwrap();
+    let answer = tokio::spawn(async move { ask(&mut waiting).await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !answer.is_finished(),
+        "a connection over the limit was served"
+    );
+    assert_eq!(
+        ask(&mut held[0]).await,
+        200,
+        "open connections are still served"
+    );
+    assert_eq!(gauge("kvstore_http_connections_open").await, LIMIT);
+    assert!(app
+        .logs
+        .lines()
+        .iter()
+        .any(|l| l.contains("connection limit reached") && l.contains("\"max_connections\":3")));
+    // Closing one lets the waiting one in.
+    drop(held.remove(0));
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("the waiting connection is served once one closes")
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
 /// Sends `request` as raw bytes and reads until the server closes the connection.
 async fn raw_exchange(app: &TestApp, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

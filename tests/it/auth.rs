@@ -140,3 +140,51 @@ async fn reads_need_a_token_with_auth_reads() {
     assert_eq!(app.get("/readyz").await.status(), 200);
     assert!(app.metrics_text().await.contains("kvstore_build_info"));
 }
+
+#[tokio::test]
+async fn near_misses_and_doubled_credentials_are_refused() {
+    let (app, _db) = spawn_app(&[("KV_API_TOKENS", T1)]).await;
+    let put = |auth: Vec<String>| {
+        let mut req = app.client.put(app.url("/v1/keys/k"));
+        for a in auth {
+            req = req.header("authorization", a);
+        }
+        req.json(&json!({"value": 1})).send()
+    };
+    // Tokens of another length (a prefix, the token plus a byte, empty) and of the same
+    // length with one byte changed are all wrong; the digest comparison must not make any
+    // of them equal.
+    let mut changed = T1.to_owned().into_bytes();
+    changed[T1.len() - 1] ^= 1;
+    let changed = String::from_utf8(changed).unwrap();
+    for wrong in [&T1[..T1.len() - 1], &format!("{T1}x"), &changed] {
+        let r = put(vec![format!("Bearer {wrong}")]).await.unwrap();
+        assert_problem(r, 401, "unauthorized").await;
+    }
+    let r = put(vec!["Bearer".into()]).await.unwrap();
+    assert_problem(r, 401, "unauthorized").await;
+    // Two Authorization headers are a malformed request (RFC 6750 §3.1), whichever of them
+    // is right: the service does not pick one.
+    for pair in [
+        vec![format!("Bearer {T1}"), "Bearer wrong-token-xxxxxxxx".into()],
+        vec!["Bearer wrong-token-xxxxxxxx".into(), format!("Bearer {T1}")],
+        vec![format!("Bearer {T1}"), format!("Bearer {T1}")],
+    ] {
+        let r = put(pair).await.unwrap();
+        let body = assert_problem(r, 400, "invalid_request").await;
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("one Authorization header"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        app.get("/v1/keys/k").await.status(),
+        404,
+        "nothing was written"
+    );
+    let r = put(vec![format!("Bearer {T1}")]).await.unwrap();
+    assert_eq!(r.status(), 201);
+}

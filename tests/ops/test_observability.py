@@ -62,6 +62,8 @@ CATALOGUE = {
     "kvstore_http_requests_total": ("counter", {"method", "route", "status_class"}),
     "kvstore_http_request_duration_seconds": ("histogram", {"method", "route", "status_class"}),
     "kvstore_http_requests_in_flight": ("gauge", set()),
+    "kvstore_http_connections_open": ("gauge", {"listener"}),
+    "kvstore_http_connections_max": ("gauge", {"listener"}),
     "kvstore_cache_hits_total": ("counter", set()),
     "kvstore_cache_misses_total": ("counter", set()),
     "kvstore_cache_entries": ("gauge", set()),
@@ -90,6 +92,7 @@ BOUNDED_LABELS = {
     "method": {"GET", "HEAD", "PUT", "POST", "DELETE", "OTHER"},
     "operation": {"get", "list", "upsert", "delete", "stats", "ping", "purge", "poll", "migrate"},
     "cause": {"size", "expired"},
+    "listener": {"api", "metrics"},
 }
 
 
