@@ -20,6 +20,7 @@ command -v mariadb >/dev/null 2>&1 || need_apt+=(mariadb-client)
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl) # certificates for the database TLS test (tests/faults/tls.rs)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "install-tools: apt-get install ${need_apt[*]}"
   $SUDO apt-get update -qq

@@ -243,6 +243,7 @@ fn log_startup(state: &State, http: SocketAddr, metrics: SocketAddr) {
         "version" => VERSION,
         "revision" => REVISION,
         "database" => &c.database.display_url,
+        "database_tls" => c.database.tls(),
         "db_pool_max" => c.db_pool_max,
         "cache_max_bytes" => c.cache_max_bytes,
         "cache_ttl_ms" => c.cache_ttl.as_millis() as u64,

@@ -57,6 +57,39 @@ impl DatabaseConfig {
     pub fn db_name(&self) -> &str {
         self.opts.db_name().unwrap_or_default()
     }
+
+    /// TLS to the database, verified against the CA certificates of the PEM file at `path`
+    /// and only those (a provider's CA such as RDS's `global-bundle.pem`, or a cluster CA).
+    /// The file is read once, here: a CA that rotates means a restart (a rollout). Host-name
+    /// checking stays on unless the URL turns it off (`verify_identity=false`).
+    fn with_ca_file(self, path: &str) -> Result<DatabaseConfig, ConfigError> {
+        let pem = std::fs::read(path)
+            .map_err(|e| err(format!("KV_DATABASE_CA_FILE: cannot read {path}: {e}")))?;
+        const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+        if !pem.windows(BEGIN.len()).any(|w| w == BEGIN) {
+            return Err(err(format!(
+                "KV_DATABASE_CA_FILE: {path} holds no PEM certificate (no -----BEGIN CERTIFICATE----- line)"
+            )));
+        }
+        let ssl = self.opts.ssl_opts().cloned().unwrap_or_default();
+        if ssl.accept_invalid_certs() {
+            return Err(err(
+                "KV_DATABASE_CA_FILE asks for a verified server certificate, but KV_DATABASE_URL turns verification off (verify_ca=false): drop one of them",
+            ));
+        }
+        let ssl = ssl
+            .with_root_certs(vec![pem.into()])
+            .with_disable_built_in_roots(true);
+        Ok(DatabaseConfig {
+            opts: OptsBuilder::from_opts(self.opts).ssl_opts(Some(ssl)).into(),
+            ..self
+        })
+    }
+
+    /// Whether connections use TLS (from the URL's `require_ssl`, or `KV_DATABASE_CA_FILE`).
+    pub fn tls(&self) -> bool {
+        self.opts.ssl_opts().is_some()
+    }
 }
 
 impl fmt::Debug for DatabaseConfig {
@@ -138,6 +171,10 @@ impl Config {
             env.parse("KV_DB_POOL_MIN", 2usize)?,
             env.parse("KV_DB_POOL_MAX", 16usize)?,
         )?;
+        let database = match env.get("KV_DATABASE_CA_FILE") {
+            Some(path) => database.with_ca_file(path)?,
+            None => database,
+        };
 
         let mut api_tokens: Vec<Secret> = Vec::new();
         if let Some(list) = env.get("KV_API_TOKENS") {
@@ -496,6 +533,65 @@ mod tests {
         .unwrap_err()
         .0;
         assert!(e.contains("KV_DB_POOL_MIN"), "{e}");
+    }
+
+    #[test]
+    fn database_ca_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        std::fs::write(&pem, cert).unwrap();
+        let pem = pem.to_str().unwrap();
+        // Without it: no TLS unless the URL asks for it.
+        assert!(!Config::from_vars(&vars(&[URL])).unwrap().database.tls());
+        let c = Config::from_vars(&vars(&[URL, ("KV_DATABASE_CA_FILE", pem)])).unwrap();
+        let ssl = c.database.opts().ssl_opts().expect("TLS is on");
+        // The file is read at start (a buffer, not a path read at each connection).
+        use futures_util::FutureExt;
+        let [root] = ssl.root_certs() else {
+            panic!("one root entry: {:?}", ssl.root_certs())
+        };
+        let bytes = root.read().now_or_never().expect("in memory").unwrap();
+        assert_eq!(&*bytes, cert.as_bytes());
+        assert!(ssl.disable_built_in_roots(), "only the given CA is trusted");
+        assert!(!ssl.accept_invalid_certs() && !ssl.skip_domain_validation());
+        // The URL's own TLS settings are kept.
+        let url = "mysql://kv@db:3306/kvstore?require_ssl=true&verify_identity=false";
+        let c = Config::from_vars(&vars(&[
+            ("KV_DATABASE_URL", url),
+            ("KV_DATABASE_CA_FILE", pem),
+        ]))
+        .unwrap();
+        assert!(c
+            .database
+            .opts()
+            .ssl_opts()
+            .unwrap()
+            .skip_domain_validation());
+        // Refusals: a missing file, a file without a certificate, verification turned off.
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let no_verify = "mysql://kv@db:3306/kvstore?require_ssl=true&verify_ca=false";
+        for (url, path, expect) in [
+            (
+                URL.1,
+                "/nonexistent/ca.pem",
+                "cannot read /nonexistent/ca.pem",
+            ),
+            (URL.1, empty.to_str().unwrap(), "holds no PEM certificate"),
+            (no_verify, pem, "verify_ca=false"),
+        ] {
+            let e = Config::from_vars(&vars(&[
+                ("KV_DATABASE_URL", url),
+                ("KV_DATABASE_CA_FILE", path),
+            ]))
+            .unwrap_err()
+            .0;
+            assert!(
+                e.contains("KV_DATABASE_CA_FILE") && e.contains(expect),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -17,3 +17,4 @@ mod replicas;
 mod secrets;
 mod shutdown;
 mod slow_clients;
+mod tls;

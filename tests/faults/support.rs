@@ -259,10 +259,17 @@ pub struct PrivateDb {
     server: String,
     child: Option<Child>,
     paused: bool,
+    /// Server options beyond the defaults (e.g. TLS), kept for restarts.
+    extra_args: Vec<String>,
 }
 
 impl PrivateDb {
     pub async fn start() -> PrivateDb {
+        PrivateDb::start_with(&[]).await
+    }
+
+    /// Starts a server with `extra_args` added to its command line.
+    pub async fn start_with(extra_args: &[String]) -> PrivateDb {
         let server = which(&["mariadbd", "mysqld"]);
         let install = which(&["mariadb-install-db", "mysql_install_db"]);
         let (Some(server), Some(install)) = (server, install) else {
@@ -301,6 +308,7 @@ impl PrivateDb {
             server,
             child: None,
             paused: false,
+            extra_args: extra_args.to_vec(),
         };
         db.spawn_server();
         db.wait_accepting(Duration::from_secs(30)).await;
@@ -322,6 +330,7 @@ impl PrivateDb {
             "--innodb-buffer-pool-size=64M".into(),
             "--max-connections=500".into(),
         ]);
+        cmd.args(&self.extra_args);
         if is_root() {
             cmd.arg("--user=root");
         }
