@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::logging::AccessLog;
 use crate::metrics::{self, Metrics};
-use crate::refusal::{Recorder, RefusalIo};
+use crate::refusal::{Phase, Recorder, RefusalIo, RequestClock};
 use crate::stall::StallGuard;
 use crate::store::Store;
 
@@ -332,11 +332,13 @@ async fn accept_loop<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let mut builder = builder.clone();
-        builder.timer(ConnectionTimer::default());
+        let clock = Arc::new(RequestClock::new());
+        builder.timer(ConnectionTimer::new(clock.clone(), &state.config));
         let conn = builder.serve_connection(
             TokioIo::new(RefusalIo::new(
                 StallGuard::new(stream, state.config.request_timeout),
                 recorder.clone(),
+                clock,
             )),
             hyper::service::service_fn(handler.clone()),
         );
@@ -351,25 +353,56 @@ async fn accept_loop<H, F>(
     }
 }
 
-/// hyper's timer for one connection, which uses it only for the header read timeout. hyper
-/// asks for a new sleep each time it starts waiting for a request head, and drops it once the
-/// head is read: with hyper-util's `TokioTimer` that is a timer-wheel entry made, registered
-/// and removed per request. Here the connection keeps one tokio `Sleep`, and each of hyper's
-/// sleeps moves its deadline: later deadlines, the usual case, only extend the registered
-/// entry (one atomic operation in tokio; the wheel re-files it when the old time comes). The
-/// timeout fires at the deadline hyper asked for, as before.
-#[derive(Clone, Default)]
-struct ConnectionTimer {
-    sleep: SharedSleep,
+/// hyper's timer for one connection, which uses it only for the header read timeout, and
+/// which makes of it two timeouts:
+/// - **idle**: a keep-alive connection that has been answered may wait `KV_IDLE_TIMEOUT` for
+///   its next request. hyper itself starts the header timeout as soon as it waits for a head,
+///   so it would close idle connections after `KV_HEADER_READ_TIMEOUT` (5 s), and a proxy in
+///   front that keeps idle upstream connections longer (ingress-nginx and AWS ALB: 60 s)
+///   would now and then send a request down a connection being closed: a 502 for the client.
+/// - **header**: once the first bytes of a request come (or from accept, for a new
+///   connection), the head must be complete within `KV_HEADER_READ_TIMEOUT`.
+///
+/// The connection's stream ([`RefusalIo`]) tells which applies ([`RequestClock`]); each poll
+/// of hyper's sleep, which comes with every read while a head is incomplete, moves the one
+/// deadline accordingly.
+///
+/// hyper asks for a new sleep each time it starts waiting for a request head, and drops it
+/// once the head is read: with hyper-util's `TokioTimer` that is a timer-wheel entry made,
+/// registered and removed per request. Here the connection keeps one tokio `Sleep`, and each
+/// of hyper's sleeps moves its deadline: later deadlines, the usual case, only extend the
+/// registered entry (one atomic operation in tokio; the wheel re-files it when the old time
+/// comes).
+struct ConnectionTimer(Arc<TimerState>);
+
+struct TimerState {
+    /// The connection's one `Sleep`, made when hyper first waits on it.
+    sleep: Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+    clock: Arc<RequestClock>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
 }
 
-/// A connection's one `Sleep`, made when hyper first waits on it.
-type SharedSleep = Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>;
+impl ConnectionTimer {
+    fn new(clock: Arc<RequestClock>, config: &Config) -> ConnectionTimer {
+        ConnectionTimer::with(clock, config.header_read_timeout, config.idle_timeout)
+    }
 
-/// One of hyper's sleeps: a deadline on its connection's `Sleep`.
+    fn with(clock: Arc<RequestClock>, header: Duration, idle: Duration) -> ConnectionTimer {
+        ConnectionTimer(Arc::new(TimerState {
+            sleep: Mutex::new(None),
+            clock,
+            header_timeout: header,
+            idle_timeout: idle,
+        }))
+    }
+}
+
+/// One of hyper's sleeps: hyper's deadline (the header timeout from when it began to wait),
+/// applied to its connection's `Sleep` as the connection's phase says.
 struct HeadSleep {
     deadline: tokio::time::Instant,
-    sleep: SharedSleep,
+    state: Arc<TimerState>,
 }
 
 impl hyper::rt::Timer for ConnectionTimer {
@@ -380,7 +413,7 @@ impl hyper::rt::Timer for ConnectionTimer {
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
         Box::pin(HeadSleep {
             deadline: deadline.into(),
-            sleep: self.sleep.clone(),
+            state: self.0.clone(),
         })
     }
 
@@ -389,14 +422,37 @@ impl hyper::rt::Timer for ConnectionTimer {
     }
 }
 
+impl HeadSleep {
+    /// When the connection is to be closed if the head has not come.
+    fn effective_deadline(&self) -> tokio::time::Instant {
+        let s = &self.state;
+        match s.clock.phase() {
+            Phase::New => self.deadline,
+            // hyper began waiting `header_timeout` before its deadline.
+            Phase::Idle => {
+                let waiting_since = self.deadline.checked_sub(s.header_timeout);
+                waiting_since.unwrap_or(self.deadline) + s.idle_timeout
+            }
+            Phase::Began(at) => self
+                .deadline
+                .max(tokio::time::Instant::from_std(at) + s.header_timeout),
+        }
+    }
+}
+
 impl Future for HeadSleep {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut slot = self.sleep.lock().unwrap_or_else(PoisonError::into_inner);
-        let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.deadline)));
-        if sleep.deadline() != self.deadline {
-            sleep.as_mut().reset(self.deadline);
+        let deadline = self.effective_deadline();
+        let mut slot = self
+            .state
+            .sleep
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let sleep = slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
         }
         sleep.as_mut().poll(cx)
     }
@@ -585,6 +641,54 @@ mod tests {
     use super::*;
     use hyper::rt::Timer;
 
+    /// The timer of a connection that has received nothing yet (so the header timeout
+    /// applies: the durations of these tests are hyper's).
+    fn new_connection() -> ConnectionTimer {
+        ConnectionTimer::with(
+            Arc::default(),
+            Duration::from_secs(5),
+            Duration::from_secs(75),
+        )
+    }
+
+    /// An answered connection waits `KV_IDLE_TIMEOUT` for its next request; once that
+    /// request's first bytes come, its head has `KV_HEADER_READ_TIMEOUT` from then.
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_wait_the_idle_timeout_and_heads_the_header_timeout() {
+        let s = Duration::from_secs;
+        let clock = Arc::new(RequestClock::new());
+        let timer = ConnectionTimer::with(clock.clone(), s(1), s(10));
+        let now = || tokio::time::Instant::now();
+
+        // New connection: hyper's deadline (the header timeout from accept).
+        let start = now();
+        timer.sleep(s(1)).await;
+        assert_eq!(now() - start, s(1));
+
+        // Answered, then idle: the idle timeout, not hyper's 1 s.
+        clock.responded();
+        let start = now();
+        timer.sleep(s(1)).await;
+        assert_eq!(now() - start, s(10));
+
+        // Idle for 3 s, then a request's first bytes: 1 s from those bytes.
+        clock.responded();
+        let start = now();
+        let mut sleep = timer.sleep(s(1));
+        assert!(tokio::time::timeout(s(3), &mut sleep).await.is_err());
+        clock.began(now().into_std());
+        sleep.await;
+        assert_eq!(now() - start, s(4));
+
+        // Bytes that came before hyper began to wait (it had not read them yet): still
+        // hyper's deadline, never an earlier one.
+        clock.began(now().into_std());
+        tokio::time::advance(s(2)).await;
+        let start = now();
+        timer.sleep(s(1)).await;
+        assert_eq!(now() - start, s(1));
+    }
+
     /// Waits for `sleep`, returning how long that took.
     async fn waited(sleep: Pin<Box<dyn hyper::rt::Sleep>>) -> Duration {
         let t = tokio::time::Instant::now();
@@ -594,7 +698,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_head_sleep_fires_at_its_own_deadline() {
-        let timer = ConnectionTimer::default();
+        let timer = new_connection();
         let ms = Duration::from_millis;
 
         // A sleep polled (so the connection's Sleep is registered), then dropped: a later one
@@ -625,7 +729,7 @@ mod tests {
     #[tokio::test]
     async fn connections_do_not_share_a_deadline() {
         let ms = Duration::from_millis;
-        let (a, b) = (ConnectionTimer::default(), ConnectionTimer::default());
+        let (a, b) = (new_connection(), new_connection());
         let mut long = a.sleep(ms(5000));
         assert!(tokio::time::timeout(ms(20), &mut long).await.is_err());
         let took = waited(b.sleep(ms(50))).await;

@@ -142,6 +142,8 @@ pub struct Config {
     pub db_query_timeout: Duration,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
+    /// How long an answered keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
     /// Open connections the API port serves at once; more wait in the listen backlog.
     pub max_connections: usize,
     pub shutdown_delay: Duration,
@@ -225,6 +227,7 @@ impl Config {
             db_query_timeout: env.duration("KV_DB_QUERY_TIMEOUT", "3s")?,
             request_timeout: env.duration("KV_REQUEST_TIMEOUT", "10s")?,
             header_read_timeout: env.duration("KV_HEADER_READ_TIMEOUT", "5s")?,
+            idle_timeout: env.duration("KV_IDLE_TIMEOUT", "75s")?,
             max_connections: env.parse("KV_MAX_CONNECTIONS", 4096usize)?,
             shutdown_delay: env.duration("KV_SHUTDOWN_DELAY", "5s")?,
             shutdown_timeout: env.duration("KV_SHUTDOWN_TIMEOUT", "20s")?,
@@ -246,6 +249,7 @@ impl Config {
             ("KV_DB_QUERY_TIMEOUT", self.db_query_timeout),
             ("KV_REQUEST_TIMEOUT", self.request_timeout),
             ("KV_HEADER_READ_TIMEOUT", self.header_read_timeout),
+            ("KV_IDLE_TIMEOUT", self.idle_timeout),
             ("KV_SHUTDOWN_TIMEOUT", self.shutdown_timeout),
             ("KV_PURGE_INTERVAL", self.purge_interval),
             ("KV_INVALIDATION_INTERVAL", self.invalidation_interval),
@@ -450,6 +454,7 @@ mod tests {
         assert_eq!(c.cache_ttl, Duration::from_secs(30));
         assert_eq!(c.invalidation_interval, Duration::from_millis(250));
         assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.idle_timeout, Duration::from_secs(75));
         assert!(!c.auth_enabled());
         assert_eq!(c.database.db_name(), "kvstore");
         assert_eq!(c.database.opts().tcp_keepalive(), Some(DB_TCP_KEEPALIVE));

@@ -18,6 +18,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
@@ -38,10 +39,69 @@ pub struct Recorder {
     pub access: AccessLog,
 }
 
-/// A connection's stream, with hyper's automatic refusals rewritten (see the module).
+/// Where a connection stands between requests, as its stream sees it: for the timer that
+/// tells an idle keep-alive connection from a slow request head (`app::ConnectionTimer`).
+pub struct RequestClock {
+    base: Instant,
+    /// `NEW`, `IDLE`, or `BEGAN` + nanoseconds after `base` when the current request's first
+    /// bytes came.
+    state: AtomicU64,
+}
+
+const NEW: u64 = 0;
+const IDLE: u64 = 1;
+const BEGAN: u64 = 2;
+
+/// See [`RequestClock::phase`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Nothing answered and nothing received yet: a new connection.
+    New,
+    /// A response went out, and no byte of another request has come since.
+    Idle,
+    /// The current request's first bytes came at this instant.
+    Began(Instant),
+}
+
+impl RequestClock {
+    pub fn new() -> RequestClock {
+        RequestClock {
+            base: Instant::now(),
+            state: AtomicU64::new(NEW),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.state.load(Ordering::Relaxed) {
+            NEW => Phase::New,
+            IDLE => Phase::Idle,
+            n => Phase::Began(self.base + std::time::Duration::from_nanos(n - BEGAN)),
+        }
+    }
+
+    pub(crate) fn began(&self, at: Instant) {
+        let nanos = at.saturating_duration_since(self.base).as_nanos();
+        let n = u64::try_from(nanos).unwrap_or(u64::MAX - BEGAN);
+        self.state.store(BEGAN + n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn responded(&self) {
+        self.state.store(IDLE, Ordering::Relaxed);
+    }
+}
+
+impl Default for RequestClock {
+    fn default() -> Self {
+        RequestClock::new()
+    }
+}
+
+/// A connection's stream, with hyper's automatic refusals rewritten (see the module), and
+/// its request boundaries reported to its [`RequestClock`].
 pub struct RefusalIo<S> {
     inner: S,
     recorder: Arc<Recorder>,
+    clock: Arc<RequestClock>,
     /// The next bytes read start a request (set at accept and by every write), so the
     /// current request's start is not known yet.
     fresh: bool,
@@ -61,10 +121,11 @@ struct Swap {
 }
 
 impl<S> RefusalIo<S> {
-    pub fn new(inner: S, recorder: Arc<Recorder>) -> Self {
+    pub fn new(inner: S, recorder: Arc<Recorder>, clock: Arc<RequestClock>) -> Self {
         RefusalIo {
             inner,
             recorder,
+            clock,
             fresh: true,
             start: [0; START],
             start_len: 0,
@@ -179,6 +240,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for RefusalIo<S> {
                 this.start_len = n;
                 this.started = Instant::now();
                 this.fresh = false;
+                this.clock.began(this.started);
             }
         }
         Poll::Ready(Ok(()))
@@ -189,7 +251,10 @@ impl<S: AsyncWrite + Unpin> RefusalIo<S> {
     /// After a write: the next bytes read start a new request.
     fn wrote(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if let Poll::Ready(Ok(n)) = r {
-            self.fresh |= n > 0;
+            if n > 0 {
+                self.fresh = true;
+                self.clock.responded();
+            }
         }
         r
     }
@@ -319,7 +384,7 @@ mod tests {
             metrics: metrics.clone(),
             access: AccessLog::off(),
         });
-        let mut io = RefusalIo::new(server, recorder);
+        let mut io = RefusalIo::new(server, recorder, Arc::default());
         let reader = tokio::spawn(async move {
             // What the pipe holds at once: the server reads it, then nothing more.
             client.write_all(b"GET /v1").await.unwrap();
@@ -371,6 +436,43 @@ mod tests {
             text.contains(r#"kvstore_http_requests_total{method="OTHER",route="unmatched",status_class="4xx"} 1"#),
             "{text}"
         );
+    }
+
+    /// The clock follows the stream: new, a request begun when its first bytes are read,
+    /// idle once anything is written, begun again with the next request's bytes.
+    #[tokio::test]
+    async fn the_request_clock_follows_reads_and_writes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(64);
+        let recorder = Arc::new(Recorder {
+            metrics: Arc::new(Metrics::new("0", "test")),
+            access: AccessLog::off(),
+        });
+        let clock = Arc::new(RequestClock::new());
+        let mut io = RefusalIo::new(server, recorder, clock.clone());
+        let mut buf = [0u8; 64];
+        assert_eq!(clock.phase(), Phase::New);
+        let before = Instant::now();
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        let Phase::Began(first) = clock.phase() else {
+            panic!("{:?}", clock.phase())
+        };
+        assert!(first >= before && first <= Instant::now());
+        // More of the same head: still the same request.
+        client.write_all(b"Host: x\r\n\r\n").await.unwrap();
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        assert_eq!(clock.phase(), Phase::Began(first));
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(clock.phase(), Phase::Idle);
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        assert!(io.read(&mut buf).await.unwrap() > 0);
+        assert!(matches!(clock.phase(), Phase::Began(t) if t >= first));
     }
 
     #[test]

@@ -704,42 +704,110 @@ async fn the_metrics_port_serves_metrics_only_and_refuses_with_problems() {
     );
 }
 
+/// Sends `GET /healthz` on a kept-alive connection and reads one answer; returns its status.
+async fn ask(s: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed without an answer");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.parse().unwrap())
+                })
+                .unwrap();
+            if body.len() >= len {
+                return head[9..12].parse().unwrap();
+            }
+        }
+    }
+}
+
+/// How long until the server closes `s` (reading and dropping whatever it sends).
+async fn closed_after(s: &mut tokio::net::TcpStream) -> std::time::Duration {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), s.read_to_end(&mut sink))
+        .await
+        .expect("the server closes the connection");
+    start.elapsed()
+}
+
+/// Keep-alive: an answered connection may wait `KV_IDLE_TIMEOUT` for its next request, far
+/// longer than `KV_HEADER_READ_TIMEOUT` (so a proxy that keeps idle upstream connections
+/// for a minute never sends a request down one being closed); a head that has begun must
+/// still be complete within `KV_HEADER_READ_TIMEOUT`; a new connection must send its first
+/// request within it too.
+#[tokio::test]
+async fn idle_keep_alive_connections_wait_the_idle_timeout() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let secs = std::time::Duration::from_secs_f64;
+    let (app, _db) =
+        spawn_app(&[("KV_HEADER_READ_TIMEOUT", "1s"), ("KV_IDLE_TIMEOUT", "3s")]).await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let (mut idle, mut slow_head, mut too_idle, mut silent) = (
+        TcpStream::connect(&addr).await.unwrap(),
+        TcpStream::connect(&addr).await.unwrap(),
+        TcpStream::connect(&addr).await.unwrap(),
+        TcpStream::connect(&addr).await.unwrap(),
+    );
+    for s in [&mut idle, &mut slow_head, &mut too_idle] {
+        assert_eq!(ask(s).await, 200);
+    }
+    let (idle_check, slow_check, too_idle_check, silent_check) = tokio::join!(
+        async {
+            // Idle past the header timeout, then another request on the same connection.
+            tokio::time::sleep(secs(1.8)).await;
+            assert_eq!(ask(&mut idle).await, 200, "an idle connection was closed");
+        },
+        async {
+            // Half a head after 0.5 s of idleness, then nothing: closed ≈ 1 s later.
+            tokio::time::sleep(secs(0.5)).await;
+            slow_head
+                .write_all(b"GET /healthz HTTP/1.1\r\n")
+                .await
+                .unwrap();
+            closed_after(&mut slow_head).await
+        },
+        closed_after(&mut too_idle),
+        closed_after(&mut silent),
+    );
+    let () = idle_check;
+    assert!(
+        slow_check >= secs(0.9) && slow_check < secs(2.0),
+        "a begun head was given {slow_check:?}, not the header timeout"
+    );
+    assert!(
+        too_idle_check >= secs(2.9) && too_idle_check < secs(5.0),
+        "an idle connection was closed after {too_idle_check:?}, not the idle timeout"
+    );
+    assert!(
+        silent_check < secs(2.0),
+        "a new connection that sends nothing was kept {silent_check:?}"
+    );
+}
+
 /// `KV_MAX_CONNECTIONS`: at the limit the API port stops accepting, so a new connection waits
 /// (in the listen backlog) until an open one closes, while the open ones keep being served
 /// and the metrics port (a limit of its own) keeps answering.
 #[tokio::test]
 async fn connections_over_the_limit_wait_until_one_closes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
     const LIMIT: usize = 3;
     let (app, _db) = spawn_app(&[("KV_MAX_CONNECTIONS", "3")]).await;
     let addr = app.base.trim_start_matches("http://").to_owned();
-    async fn ask(s: &mut TcpStream) -> u16 {
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        loop {
-            let mut chunk = [0u8; 4096];
-            let n = s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "connection closed without an answer");
-            buf.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&buf);
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length: ")
-                            .map(|v| v.parse().unwrap())
-                    })
-                    .unwrap();
-                if body.len() >= len {
-                    return head[9..12].parse().unwrap();
-                }
-            }
-        }
-    }
     let gauge = |name: &'static str| {
         let app = &app;
         async move {
