@@ -267,7 +267,7 @@ struct Listener {
 }
 
 /// Accepts connections until told to stop, at most `max_connections` open at once; each is
-/// served over HTTP/1.1 with a header read timeout (timed by its own [`ConnectionTimer`]),
+/// served over HTTP/1.1 with header and idle timeouts (timed by its own [`ConnectionTimer`]),
 /// hyper's own refusals rewritten as problem documents ([`RefusalIo`]), writes that make no
 /// progress for `KV_REQUEST_TIMEOUT` failed ([`StallGuard`]), and watched by the
 /// graceful-shutdown handle.
