@@ -49,6 +49,10 @@ const GAP_PATIENCE: Duration = Duration::from_secs(15);
 const MAX_GAPS: usize = 10_000;
 /// Connections the metrics port serves at once (a scraper or two, and someone's curl).
 const METRICS_MAX_CONNECTIONS: usize = 64;
+/// At the connection limit, idle connections closed at once to make room (nginx: 32).
+const EVICT_BATCH: usize = 32;
+/// At the connection limit with no idle connection, how often to look for one again.
+const FULL_RECHECK: Duration = Duration::from_millis(100);
 /// At the connection limit, the warning is repeated at most this often.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// At start, ids this far below the newest are checked for ones still uncommitted.
@@ -272,10 +276,15 @@ struct Listener {
 /// progress for `KV_REQUEST_TIMEOUT` failed ([`StallGuard`]), and watched by the
 /// graceful-shutdown handle.
 ///
-/// At the limit the loop stops accepting until a connection closes, as Go's
-/// `netutil.LimitListener` does: new connections wait in the kernel's listen backlog (and
-/// beyond it, the client's SYN retries), so a flood of connections costs the process no
-/// memory and no file descriptors, and the connections already open keep being served.
+/// At the limit, a connection accepted is held until there is room: idle keep-alive
+/// connections are closed to make it, up to a sixteenth of the limit (at most
+/// `EVICT_BATCH`) at a time, oldest first, as nginx does when it runs out of connections. An
+/// idle connection costs its client only a reconnect, and probes (kubelet opens a new
+/// connection for each) keep getting through. When every open connection is busy, the loop
+/// accepts nothing more until one goes idle or closes, as Go's `netutil.LimitListener`
+/// does: new connections wait in the kernel's listen backlog (and beyond it, the client's
+/// SYN retries), so a flood of connections costs the process no memory and no file
+/// descriptors, and the connections already open keep being served.
 async fn accept_loop<H, F>(
     listener: Listener,
     handler: H,
@@ -298,6 +307,8 @@ async fn accept_loop<H, F>(
         .set(listener.max_connections as i64);
     let permits = Arc::new(tokio::sync::Semaphore::new(listener.max_connections));
     let mut last_full_warning: Option<Instant> = None;
+    // Every connection's clock, oldest first (the dead ones pruned as it grows).
+    let mut clocks: Vec<std::sync::Weak<RequestClock>> = Vec::new();
     let recorder = Arc::new(Recorder {
         metrics: state.metrics.clone(),
         access: state.access.clone(),
@@ -307,17 +318,6 @@ async fn accept_loop<H, F>(
         .header_read_timeout(state.config.header_read_timeout)
         .keep_alive(true);
     loop {
-        if permits.available_permits() == 0
-            && last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY)
-        {
-            warn!(log, "connection limit reached: new connections wait until one closes";
-                "listener" => listener.name, "max_connections" => listener.max_connections);
-            last_full_warning = Some(Instant::now());
-        }
-        let permit = tokio::select! {
-            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
         let stream = tokio::select! {
             _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
             accepted = listener.tcp.accept() => match accepted {
@@ -330,9 +330,34 @@ async fn accept_loop<H, F>(
                 }
             },
         };
+        // At the limit: close idle connections to make room, and wait for one to end (with
+        // no idle connection, until a busy one goes idle or closes).
+        let permit = loop {
+            if let Ok(permit) = permits.clone().try_acquire_owned() {
+                break Some(permit);
+            }
+            let batch = (listener.max_connections / 16).clamp(1, EVICT_BATCH);
+            if close_idle(&mut clocks, batch) == 0
+                && last_full_warning.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY)
+            {
+                warn!(log, "connection limit reached and no connection idle: new connections wait until one closes";
+                    "listener" => listener.name, "max_connections" => listener.max_connections);
+                last_full_warning = Some(Instant::now());
+            }
+            tokio::select! {
+                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break None,
+                permit = permits.clone().acquire_owned() => break permit.ok(),
+                _ = tokio::time::sleep(FULL_RECHECK) => {}
+            }
+        };
+        let Some(permit) = permit else { break };
         let _ = stream.set_nodelay(true);
         let mut builder = builder.clone();
         let clock = Arc::new(RequestClock::new());
+        if clocks.len() >= 2 * listener.max_connections {
+            clocks.retain(|c| c.strong_count() > 0);
+        }
+        clocks.push(Arc::downgrade(&clock));
         builder.timer(ConnectionTimer::new(clock.clone(), &state.config));
         let conn = builder.serve_connection(
             TokioIo::new(RefusalIo::new(
@@ -343,14 +368,30 @@ async fn accept_loop<H, F>(
             hyper::service::service_fn(handler.clone()),
         );
         let watched = graceful.watch(conn);
-        open.inc();
         let open = open.clone();
         tokio::spawn(async move {
+            // Held by the task, so that a panic in a handler still gives both back.
+            let _open = metrics::GaugeGuard::hold(&open);
+            let _permit = permit;
             let _ = watched.await;
-            open.dec();
-            drop(permit);
         });
     }
+}
+
+/// Asks up to `max` idle connections, oldest first, to close (see [`accept_loop`]); forgets
+/// the clocks of connections that have ended. Returns how many were asked.
+fn close_idle(clocks: &mut Vec<std::sync::Weak<RequestClock>>, max: usize) -> usize {
+    let mut closed = 0;
+    clocks.retain(|c| match c.upgrade() {
+        None => false,
+        Some(clock) => {
+            if closed < max && clock.close_if_idle() {
+                closed += 1;
+            }
+            true
+        }
+    });
+    closed
 }
 
 /// hyper's timer for one connection, which uses it only for the header read timeout, and
@@ -411,6 +452,8 @@ impl hyper::rt::Timer for ConnectionTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        // hyper asks for this sleep when it begins to wait for a request head.
+        self.0.clock.head_wait_began();
         Box::pin(HeadSleep {
             deadline: deadline.into(),
             state: self.0.clone(),
@@ -676,17 +719,18 @@ mod tests {
         let start = now();
         let mut sleep = timer.sleep(s(1));
         assert!(tokio::time::timeout(s(3), &mut sleep).await.is_err());
-        clock.began(now().into_std());
+        clock.bytes_read(now().into_std());
         sleep.await;
         assert_eq!(now() - start, s(4));
 
-        // Bytes that came before hyper began to wait (it had not read them yet): still
-        // hyper's deadline, never an earlier one.
-        clock.began(now().into_std());
+        // Bytes read after the response but before hyper began to wait (the rest of a body
+        // it drained): the connection is still idle.
+        clock.responded();
+        clock.bytes_read(now().into_std());
         tokio::time::advance(s(2)).await;
         let start = now();
         timer.sleep(s(1)).await;
-        assert_eq!(now() - start, s(1));
+        assert_eq!(now() - start, s(10));
     }
 
     /// Waits for `sleep`, returning how long that took.

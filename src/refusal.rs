@@ -18,11 +18,12 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
+use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::api::route;
@@ -40,12 +41,23 @@ pub struct Recorder {
 }
 
 /// Where a connection stands between requests, as its stream sees it: for the timer that
-/// tells an idle keep-alive connection from a slow request head (`app::ConnectionTimer`).
+/// tells an idle keep-alive connection from a slow request head (`app::ConnectionTimer`), and
+/// for the accept loop, which at its connection limit closes idle connections to make room.
+///
+/// The stream reports bytes read and responses written; the timer reports when hyper begins
+/// to wait for a request head. Bytes read before that wait began (the rest of a body hyper
+/// drains after answering without reading it, or a pipelined request's start) do not start
+/// the next request's header timeout: they leave the connection idle.
 pub struct RequestClock {
     base: Instant,
     /// `NEW`, `IDLE`, or `BEGAN` + nanoseconds after `base` when the current request's first
     /// bytes came.
     state: AtomicU64,
+    /// Set by [`RequestClock::close_if_idle`]: the stream ends as soon as it is read while
+    /// still idle.
+    close: AtomicBool,
+    /// The task reading the stream while it is idle, to wake when it is to be closed.
+    reader: AtomicWaker,
 }
 
 const NEW: u64 = 0;
@@ -57,7 +69,7 @@ const BEGAN: u64 = 2;
 pub enum Phase {
     /// Nothing answered and nothing received yet: a new connection.
     New,
-    /// A response went out, and no byte of another request has come since.
+    /// Answered, and no byte of another request since hyper began waiting for one.
     Idle,
     /// The current request's first bytes came at this instant.
     Began(Instant),
@@ -68,6 +80,8 @@ impl RequestClock {
         RequestClock {
             base: Instant::now(),
             state: AtomicU64::new(NEW),
+            close: AtomicBool::new(false),
+            reader: AtomicWaker::new(),
         }
     }
 
@@ -79,14 +93,51 @@ impl RequestClock {
         }
     }
 
-    pub(crate) fn began(&self, at: Instant) {
-        let nanos = at.saturating_duration_since(self.base).as_nanos();
-        let n = u64::try_from(nanos).unwrap_or(u64::MAX - BEGAN);
-        self.state.store(BEGAN + n, Ordering::Relaxed);
+    fn is_idle(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == IDLE
     }
 
+    /// Bytes were read at `at`: on a new or idle connection, a request has begun.
+    pub(crate) fn bytes_read(&self, at: Instant) {
+        if matches!(self.state.load(Ordering::Relaxed), NEW | IDLE) {
+            let nanos = at.saturating_duration_since(self.base).as_nanos();
+            let n = u64::try_from(nanos).unwrap_or(u64::MAX - BEGAN);
+            self.state.store(BEGAN + n, Ordering::Relaxed);
+        }
+    }
+
+    /// A response (or part of one) was written.
     pub(crate) fn responded(&self) {
         self.state.store(IDLE, Ordering::Relaxed);
+    }
+
+    /// hyper begins to wait for a request head: whatever was read before belongs to no
+    /// request whose head is awaited (see the type), so an answered connection is idle.
+    pub(crate) fn head_wait_began(&self) {
+        if self.state.load(Ordering::Relaxed) >= BEGAN {
+            self.state.store(IDLE, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks an idle connection to close (it reads end-of-stream, which hyper takes as the
+    /// client hanging up between requests); false, and nothing done, if it is not idle.
+    pub fn close_if_idle(&self) -> bool {
+        if !self.is_idle() {
+            return false;
+        }
+        self.close.store(true, Ordering::Relaxed);
+        self.reader.wake();
+        true
+    }
+
+    /// Whether a read of the stream should end it now (idle and asked to close); else
+    /// registers the reading task for [`RequestClock::close_if_idle`] while idle.
+    fn ends_here(&self, cx: &Context<'_>) -> bool {
+        if !self.is_idle() {
+            return false;
+        }
+        self.reader.register(cx.waker());
+        self.close.load(Ordering::Relaxed)
     }
 }
 
@@ -230,18 +281,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for RefusalIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.clock.ends_here(cx) {
+            // Closed to make room at the connection limit: end-of-stream between requests.
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let new = &buf.filled()[before..];
+        if new.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
         if this.fresh {
-            let new = &buf.filled()[before..];
-            if !new.is_empty() {
-                let n = new.len().min(START);
-                this.start[..n].copy_from_slice(&new[..n]);
-                this.start_len = n;
-                this.started = Instant::now();
-                this.fresh = false;
-                this.clock.began(this.started);
-            }
+            let n = new.len().min(START);
+            this.start[..n].copy_from_slice(&new[..n]);
+            this.start_len = n;
+            this.started = Instant::now();
+            this.fresh = false;
+            this.clock.bytes_read(this.started);
+        } else if this.clock.is_idle() {
+            this.clock.bytes_read(Instant::now());
         }
         Poll::Ready(Ok(()))
     }

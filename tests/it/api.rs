@@ -799,14 +799,20 @@ async fn idle_keep_alive_connections_wait_the_idle_timeout() {
     );
 }
 
-/// `KV_MAX_CONNECTIONS`: at the limit the API port stops accepting, so a new connection waits
-/// (in the listen backlog) until an open one closes, while the open ones keep being served
-/// and the metrics port (a limit of its own) keeps answering.
+/// `KV_MAX_CONNECTIONS`: at the limit, idle keep-alive connections are closed to make room
+/// (one at a time at this limit), so new ones (a kubelet probe, say) get in; when every
+/// open connection is busy, the API port stops accepting and a new connection waits (in
+/// the listen backlog) until one closes, while the open ones keep being served.
 #[tokio::test]
-async fn connections_over_the_limit_wait_until_one_closes() {
+async fn connections_over_the_limit_close_idle_ones_or_wait() {
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
     const LIMIT: usize = 3;
-    let (app, _db) = spawn_app(&[("KV_MAX_CONNECTIONS", "3")]).await;
+    let (app, _db) = spawn_app(&[
+        ("KV_MAX_CONNECTIONS", "3"),
+        ("KV_HEADER_READ_TIMEOUT", "30s"),
+    ])
+    .await;
     let addr = app.base.trim_start_matches("http://").to_owned();
     let gauge = |name: &'static str| {
         let app = &app;
@@ -821,19 +827,49 @@ async fn connections_over_the_limit_wait_until_one_closes() {
         }
     };
     assert_eq!(gauge("kvstore_http_connections_max").await, LIMIT);
-    // Fill the limit (the test client may hold an idle connection of its own already).
-    let mut held = Vec::new();
+
+    // 1. The limit filled with idle connections (the test client may hold one already):
+    //    a new connection is served, and one idle connection was closed for it.
+    let mut idle = Vec::new();
     while gauge("kvstore_http_connections_open").await < LIMIT {
         let mut s = TcpStream::connect(&addr).await.unwrap();
         assert_eq!(ask(&mut s).await, 200);
-        held.push(s);
+        idle.push(s);
         assert!(
-            held.len() <= LIMIT,
+            idle.len() <= LIMIT,
             "the open-connection gauge does not count them"
         );
     }
-    assert!(!held.is_empty());
-    // One more: the kernel completes the handshake, but the service does not take it up.
+    let mut extra = TcpStream::connect(&addr).await.unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(10), ask(&mut extra))
+        .await
+        .expect("a new connection is served when idle ones can make room");
+    assert_eq!(status, 200);
+    assert_eq!(gauge("kvstore_http_connections_open").await, LIMIT);
+    drop((idle, extra));
+    for _ in 0..100 {
+        if gauge("kvstore_http_connections_open").await == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(gauge("kvstore_http_connections_open").await, 0);
+
+    // 2. The limit filled with busy connections (each has begun a request head): a new
+    //    connection is accepted by the kernel but not served.
+    let mut busy = Vec::new();
+    for _ in 0..LIMIT {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        busy.push(s);
+    }
+    for _ in 0..100 {
+        if gauge("kvstore_http_connections_open").await == LIMIT {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(gauge("kvstore_http_connections_open").await, LIMIT);
     let mut waiting = TcpStream::connect(&addr).await.unwrap();
     let answer = tokio::spawn(async move { ask(&mut waiting).await });
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -841,19 +877,19 @@ async fn connections_over_the_limit_wait_until_one_closes() {
         !answer.is_finished(),
         "a connection over the limit was served"
     );
-    assert_eq!(
-        ask(&mut held[0]).await,
-        200,
-        "open connections are still served"
-    );
-    assert_eq!(gauge("kvstore_http_connections_open").await, LIMIT);
-    assert!(app
-        .logs
-        .lines()
-        .iter()
-        .any(|l| l.contains("connection limit reached") && l.contains("\"max_connections\":3")));
+    // A busy connection finishes its request and is answered as usual.
+    busy[0].write_all(b"Host: x\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut busy[0], &mut head)
+        .await
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    assert!(app.logs.lines().iter().any(|l| {
+        l.contains("connection limit reached and no connection idle")
+            && l.contains("\"max_connections\":3")
+    }));
     // Closing one lets the waiting one in.
-    drop(held.remove(0));
+    drop(busy.remove(1));
     let status = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
         .await
         .expect("the waiting connection is served once one closes")
