@@ -15,6 +15,9 @@ use mysql_async::{Opts, OptsBuilder};
 /// `max_allowed_packet` of the supported servers (MariaDB 10.11: 16 MiB) minus headroom.
 const MAX_VALUE_BYTES_CEILING: usize = 15 * 1024 * 1024;
 
+/// The longest any duration setting may be.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// Idle time before the kernel probes a database connection (then its own interval and count
 /// apply: with Linux's defaults, a dead peer is found ≈ 11 minutes later).
 const DB_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -24,17 +27,23 @@ const DB_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
-/// A string that never shows up in `Debug` output or logs.
+/// An API token, kept only as its SHA-256 digest: `api::auth` compares digests, so the
+/// token itself is not held after start-up, and `Debug` shows nothing of it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub struct ApiToken([u8; 32]);
 
-impl Secret {
-    pub fn expose(&self) -> &str {
+impl ApiToken {
+    pub fn new(token: &str) -> ApiToken {
+        use sha2::{Digest, Sha256};
+        ApiToken(Sha256::digest(token.as_bytes()).into())
+    }
+
+    pub fn digest(&self) -> &[u8; 32] {
         &self.0
     }
 }
 
-impl fmt::Debug for Secret {
+impl fmt::Debug for ApiToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("\"[redacted]\"")
     }
@@ -63,13 +72,23 @@ impl DatabaseConfig {
     /// The file is read once, here: a CA that rotates means a restart (a rollout). Host-name
     /// checking stays on unless the URL turns it off (`verify_identity=false`).
     fn with_ca_file(self, path: &str) -> Result<DatabaseConfig, ConfigError> {
+        use rustls::pki_types::{pem::PemObject, CertificateDer};
         let pem = std::fs::read(path)
             .map_err(|e| err(format!("KV_DATABASE_CA_FILE: cannot read {path}: {e}")))?;
-        const BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
-        if !pem.windows(BEGIN.len()).any(|w| w == BEGIN) {
-            return Err(err(format!(
-                "KV_DATABASE_CA_FILE: {path} holds no PEM certificate (no -----BEGIN CERTIFICATE----- line)"
-            )));
+        // Checked as the driver will use it at every connection (into a root store), so a
+        // truncated or corrupt file stops the start instead of failing every connection.
+        let bad = |what: String| err(format!("KV_DATABASE_CA_FILE: {path}: {what}"));
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| bad(format!("not a readable PEM file ({e})")))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("a certificate is not usable as a CA ({e})")))?;
+        }
+        if roots.is_empty() {
+            return Err(bad(
+                "holds no PEM certificate (no -----BEGIN CERTIFICATE----- block)".into(),
+            ));
         }
         let ssl = self.opts.ssl_opts().cloned().unwrap_or_default();
         if ssl.accept_invalid_certs() {
@@ -129,7 +148,7 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub max_value_bytes: usize,
-    pub api_tokens: Vec<Secret>,
+    pub api_tokens: Vec<ApiToken>,
     pub auth_reads: bool,
     pub cache_ttl: Duration,
     pub cache_negative_ttl: Duration,
@@ -178,7 +197,7 @@ impl Config {
             None => database,
         };
 
-        let mut api_tokens: Vec<Secret> = Vec::new();
+        let mut api_tokens: Vec<ApiToken> = Vec::new();
         if let Some(list) = env.get("KV_API_TOKENS") {
             api_tokens.extend(split_tokens(list.split(',')));
         }
@@ -257,6 +276,15 @@ impl Config {
         if let Some((name, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
             return Err(err(format!("{name} must be greater than zero")));
         }
+        // Deadlines are instants plus these: a duration of centuries would overflow them.
+        let shutdown_delay = ("KV_SHUTDOWN_DELAY", self.shutdown_delay);
+        if let Some((name, _)) = positive
+            .iter()
+            .chain([&shutdown_delay])
+            .find(|(_, d)| *d > MAX_DURATION)
+        {
+            return Err(err(format!("{name} must be at most 24h")));
+        }
         if self.db_pool_max == 0 || self.db_pool_max > 1000 {
             return Err(err("KV_DB_POOL_MAX must be between 1 and 1000"));
         }
@@ -289,11 +317,11 @@ fn err(msg: impl Into<String>) -> ConfigError {
 
 fn split_tokens<'a>(
     parts: impl Iterator<Item = &'a str> + 'a,
-) -> impl Iterator<Item = Secret> + 'a {
+) -> impl Iterator<Item = ApiToken> + 'a {
     parts
         .map(str::trim)
         .filter(|t| !t.is_empty() && !t.starts_with('#'))
-        .map(|t| Secret(t.to_owned()))
+        .map(ApiToken::new)
 }
 
 fn log_level(s: &str) -> Result<LogLevel, ConfigError> {
@@ -509,6 +537,10 @@ mod tests {
             ("KV_LISTEN_ADDR", "nope"),
             ("KV_CACHE_TTL", "forever"),
             ("KV_CACHE_TTL", "0s"),
+            ("KV_IDLE_TIMEOUT", "0s"),
+            ("KV_IDLE_TIMEOUT", "300000000000y"),
+            ("KV_HEADER_READ_TIMEOUT", "25h"),
+            ("KV_SHUTDOWN_DELAY", "2d"),
             ("KV_MAX_VALUE_BYTES", "0"),
             ("KV_MAX_VALUE_BYTES", "999999999"),
             ("KV_DB_POOL_MAX", "0"),
@@ -540,11 +572,14 @@ mod tests {
         assert!(e.contains("KV_DB_POOL_MIN"), "{e}");
     }
 
+    /// A self-signed P-256 CA certificate, test data only (its key was thrown away).
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBlDCCATugAwIBAgIUCUKEYkwHYVJSuQ6viomlwK7+/z4wCgYIKoZIzj0EAwIw\nHzEdMBsGA1UEAwwUa3ZzdG9yZS11bml0LXRlc3QtY2EwIBcNMjYxMjAxMDYzNzI5\nWhgPMjEyNjExMDcwNjM3MjlaMB8xHTAbBgNVBAMMFGt2c3RvcmUtdW5pdC10ZXN0\nLWNhMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE1f4xRzmAdkeWM4BU1pyvnzyc\noFAWcHmdqGlOAbc6DD1Vgnf3kaAsGeVKUvVQ7eB0IpSMk75jQ71VrcmJnY50ZqNT\nMFEwHQYDVR0OBBYEFKq+iTs6E3l/3/EgNizb7487e0gjMB8GA1UdIwQYMBaAFKq+\niTs6E3l/3/EgNizb7487e0gjMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwID\nRwAwRAIgYKB1nCkXRvUUxj2anitz0LyUYZvnIGaCfD0QiISrsEsCIELh03UQva17\nUMQcMANHdZOJGgfJZv/jMk4SKgyjsALl\n-----END CERTIFICATE-----\n";
+
     #[test]
     fn database_ca_file() {
         let dir = tempfile::tempdir().unwrap();
         let pem = dir.path().join("ca.pem");
-        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let cert = TEST_CA;
         std::fs::write(&pem, cert).unwrap();
         let pem = pem.to_str().unwrap();
         // Without it: no TLS unless the URL asks for it.
@@ -573,9 +608,14 @@ mod tests {
             .ssl_opts()
             .unwrap()
             .skip_domain_validation());
-        // Refusals: a missing file, a file without a certificate, verification turned off.
+        // Refusals: a missing file, a file without a certificate, a damaged certificate,
+        // verification turned off.
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
+        let damaged = dir.path().join("damaged.pem");
+        let mut lines: Vec<&str> = TEST_CA.lines().collect();
+        lines.remove(3);
+        std::fs::write(&damaged, lines.join("\n")).unwrap();
         let no_verify = "mysql://kv@db:3306/kvstore?require_ssl=true&verify_ca=false";
         for (url, path, expect) in [
             (
@@ -584,6 +624,7 @@ mod tests {
                 "cannot read /nonexistent/ca.pem",
             ),
             (URL.1, empty.to_str().unwrap(), "holds no PEM certificate"),
+            (URL.1, damaged.to_str().unwrap(), "not usable as a CA"),
             (no_verify, pem, "verify_ca=false"),
         ] {
             let e = Config::from_vars(&vars(&[
@@ -609,6 +650,6 @@ mod tests {
             ("KV_API_TOKENS_FILE", path.to_str().unwrap()),
         ]))
         .unwrap();
-        assert_eq!(c.api_tokens, vec![Secret("file-token-0123456789".into())]);
+        assert_eq!(c.api_tokens, vec![ApiToken::new("file-token-0123456789")]);
     }
 }
