@@ -102,6 +102,20 @@ fn make_server_cert(dir: &Path, ca: &str) {
     );
 }
 
+/// Starts the service with `vars`, checks that it does not become ready within 3 s and that
+/// its log says why (`expect`); returns the log.
+async fn never_ready(vars: &[(&str, &str)], expect: &str) -> String {
+    let svc = Service::start(vars).await;
+    assert!(
+        !becomes_ready(&svc, Duration::from_secs(3)).await,
+        "ready although the database should refuse it ({expect})"
+    );
+    svc.settle_logs().await;
+    let logs = svc.stdout_lines().join("\n");
+    assert!(logs.contains(expect), "no {expect:?} in the log:\n{logs}");
+    logs
+}
+
 /// Whether `/readyz` answers 200 at some point within `within`.
 async fn becomes_ready(svc: &Service, within: Duration) -> bool {
     let client = reqwest::Client::new();
@@ -193,34 +207,14 @@ async fn database_tls_with_a_private_ca() {
 
     // No TLS: the user's REQUIRE SSL turns the service away (MariaDB answers "Access
     // denied" to a plain-TCP login of such a user).
-    let svc = Service::start(&base).await;
-    assert!(
-        !becomes_ready(&svc, Duration::from_secs(3)).await,
-        "ready without TLS: the server does not require it, so the case above proves nothing"
-    );
-    svc.settle_logs().await;
-    let logs = svc.stdout_lines().join("\n");
-    assert!(
-        logs.contains("Access denied for user 'kvtls'"),
-        "not refused for want of TLS:\n{logs}"
-    );
-    drop(svc);
+    let logs = never_ready(&base, "Access denied for user 'kvtls'").await;
+    assert!(!logs.contains("tls-pass-123"), "the password was logged");
 
     // Another CA: the server's certificate is not trusted.
     let other = path("other-ca.pem");
     let mut vars = base.to_vec();
     vars.push(("KV_DATABASE_CA_FILE", &other));
-    let svc = Service::start(&vars).await;
-    assert!(
-        !becomes_ready(&svc, Duration::from_secs(3)).await,
-        "ready although the server's certificate is not from the configured CA"
-    );
-    svc.settle_logs().await;
-    let logs = svc.stdout_lines().join("\n");
-    assert!(
-        logs.contains("invalid peer certificate: UnknownIssuer"),
-        "the log does not name the certificate problem:\n{logs}"
-    );
+    let logs = never_ready(&vars, "invalid peer certificate: UnknownIssuer").await;
     assert!(!logs.contains("tls-pass-123"), "the password was logged");
     let _ = admin.disconnect().await;
 }
