@@ -306,12 +306,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for RefusalIo<S> {
 }
 
 impl<S: AsyncWrite + Unpin> RefusalIo<S> {
-    /// After a write: the next bytes read start a new request.
-    fn wrote(&mut self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+    /// After a write starting with `first`: the next bytes read start a new request, and
+    /// the connection is answered, unless this was an interim `100 Continue` (the request's
+    /// body is still to come, so the connection is not idle).
+    fn wrote(&mut self, first: &[u8], r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if let Poll::Ready(Ok(n)) = r {
             if n > 0 {
                 self.fresh = true;
-                self.clock.responded();
+                if !first.starts_with(b"HTTP/1.1 1") {
+                    self.clock.responded();
+                }
             }
         }
         r
@@ -354,7 +358,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RefusalIo<S> {
         } else {
             Pin::new(&mut this.inner).poll_write(cx, buf)
         };
-        this.wrote(written)
+        this.wrote(buf, written)
     }
 
     fn poll_write_vectored(
@@ -377,7 +381,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RefusalIo<S> {
             }
             _ => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
         };
-        this.wrote(written)
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        this.wrote(first, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -501,7 +509,7 @@ mod tests {
     #[tokio::test]
     async fn the_request_clock_follows_reads_and_writes() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut client, server) = tokio::io::duplex(64);
+        let (mut client, server) = tokio::io::duplex(4096);
         let recorder = Arc::new(Recorder {
             metrics: Arc::new(Metrics::new("0", "test")),
             access: AccessLog::off(),
@@ -521,6 +529,15 @@ mod tests {
         client.write_all(b"Host: x\r\n\r\n").await.unwrap();
         assert!(io.read(&mut buf).await.unwrap() > 0);
         assert_eq!(clock.phase(), Phase::Began(first));
+        // An interim 100 Continue is not the answer: the body is still to come.
+        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(clock.phase(), Phase::Began(first));
+        assert!(
+            !clock.close_if_idle(),
+            "a connection with a request under way is not idle"
+        );
         io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             .await
             .unwrap();
@@ -531,6 +548,13 @@ mod tests {
             .unwrap();
         assert!(io.read(&mut buf).await.unwrap() > 0);
         assert!(matches!(clock.phase(), Phase::Began(t) if t >= first));
+        // Answered and idle: asked to close, the stream ends at its next read.
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(clock.close_if_idle());
+        client.write_all(b"GET /late HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 0, "read end-of-stream");
     }
 
     #[test]
