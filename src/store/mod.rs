@@ -661,7 +661,7 @@ impl Db {
                 let mut tx = ServerTx::new(conn);
                 let conditional = *pre != Precondition::NONE;
                 if conditional {
-                    let live_rev = lock_row(&mut tx, key, now).await?.and_then(|c| c.live_rev);
+                    let live_rev = claim_row(&mut tx, key, now).await?;
                     if !pre.allows(live_rev) {
                         tx.rollback().await;
                         return Ok(WriteOutcome::PreconditionFailed);
@@ -960,6 +960,42 @@ async fn lock_row(
             live_rev: rev.filter(|_| live),
         }
     }))
+}
+
+/// Starts a conditional write's transaction and locks `key`'s row whether or not it
+/// exists; returns its revision if it is live. An absent key gets a placeholder row, expired
+/// from birth (invisible to every read, gone if the transaction rolls back): under READ
+/// COMMITTED a `SELECT … FOR UPDATE` that finds no row locks nothing, so two
+/// `If-None-Match: *` writes could both see "absent" and the second overwrite the first.
+/// With the placeholder the second's INSERT waits for the first to commit, then finds the
+/// key live and fails its precondition (found by a black-box review; tested in
+/// `tests/it/conditional.rs`).
+async fn claim_row(
+    tx: &mut ServerTx,
+    key: &str,
+    now: Micros,
+) -> Result<Option<u64>, mysql_async::Error> {
+    let mut sql = Sql::with_capacity(400 + 4 * key.len());
+    sql.raw(
+        "START TRANSACTION;\nINSERT INTO kv_entries (k, v, version, rev, created_at, updated_at, expires_at) VALUES (",
+    )
+    .bytes(key.as_bytes())
+    .raw(", '', 0, 0, ")
+    .datetime(Some(now))
+    .raw(", ")
+    .datetime(Some(now))
+    .raw(", ")
+    .datetime(Some(now))
+    .raw(") ON DUPLICATE KEY UPDATE k = k;\nSELECT rev, expires_at FROM kv_entries WHERE k = ")
+    .bytes(key.as_bytes())
+    .raw(" FOR UPDATE");
+    let row = tx.batch(sql.into_string()).await?.into_iter().next();
+    let bad = || mysql_async::Error::Other("the claimed row is missing".into());
+    let mut row = row.ok_or_else(bad)?;
+    let rev: Option<u64> = row.take(0);
+    let expires: Option<Value> = row.take(1);
+    let live = expires.is_some_and(|e| live_at(time::from_sql(&e), now));
+    Ok(rev.filter(|_| live))
 }
 
 /// The change-log row of a write; its id (LAST_INSERT_ID()) is the write's revision.

@@ -214,3 +214,65 @@ async fn etags_never_repeat_across_delete_and_recreate() {
         assert_eq!(app.delete("aba").await.status(), 204);
     }
 }
+
+/// `If-None-Match: *` racing a create of the same key: exactly one of them creates it,
+/// never one overwriting the other. Here the conditional write's first round trip (which
+/// reads, or claims, the row) runs, its answer is held back by a proxy, and meanwhile
+/// another client inserts the key; then the answer is let through. Before the fix the read
+/// was a `SELECT … FOR UPDATE`, which under READ COMMITTED locks nothing when the row is
+/// absent: the other insert committed, and the conditional write then went ahead and
+/// replaced it (200). Found by a black-box review: 8 concurrent create-only PUTs gave a 201
+/// and a 200.
+#[tokio::test]
+async fn if_none_match_star_never_overwrites_a_concurrent_create() {
+    use crate::common::proxy::{Mode, Proxy};
+    use kvstore::store::{Precondition, WriteOutcome};
+    use mysql_async::prelude::Queryable;
+    use std::time::Duration;
+    let db = TestDb::new().await;
+    let proxy = Proxy::start(db.server_addr()).await;
+    // One connection, warmed by a conditional write, so the raced write needs no new one.
+    let app = spawn_app_on(
+        &db.url_via(proxy.addr),
+        &[("KV_DB_POOL_MAX", "1"), ("KV_DB_POOL_MIN", "1")],
+    )
+    .await;
+    let create_only = Precondition {
+        if_match: None,
+        if_none_match: Some(vec!["*".into()]),
+    };
+    let store = app.state().store.clone();
+    let warm = store.upsert("warm", "1", None, &create_only).await.unwrap();
+    assert!(matches!(warm, WriteOutcome::Created(_)), "{warm:?}");
+
+    proxy.set(Mode::HoldResponses);
+    let mine = tokio::spawn({
+        let (store, pre) = (store.clone(), create_only.clone());
+        async move { store.upsert("contended", "\"mine\"", None, &pre).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let theirs = tokio::spawn({
+        let mut other = db.conn().await;
+        async move {
+            other
+                .query_drop(
+                    "INSERT INTO kv_entries (k, v, version, rev, created_at, updated_at, expires_at) \
+                     VALUES ('contended', '\"theirs\"', 1, 999999, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), NULL)",
+                )
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.set(Mode::Pass);
+    let mine = mine.await.unwrap().unwrap();
+    let theirs = theirs.await.unwrap();
+    match (&mine, &theirs) {
+        // The conditional write claimed the key first; the other insert found it taken.
+        (WriteOutcome::Created(_), Err(e)) => {
+            assert!(e.to_string().contains("Duplicate"), "{e}")
+        }
+        // The other insert came first; the conditional write saw it.
+        (WriteOutcome::PreconditionFailed, Ok(())) => {}
+        _ => panic!("both wrote the key: {mine:?} / {theirs:?}"),
+    }
+}
