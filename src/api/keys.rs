@@ -266,7 +266,13 @@ fn precondition(req: &Req) -> Result<Precondition, ApiError> {
             let text = v.to_str().map_err(|_| {
                 ApiError::InvalidRequest(format!("the {name} header is not visible ASCII"))
             })?;
-            tags.extend(etag_list(text));
+            // A condition the service cannot read is refused, not ignored: an ignored
+            // If-None-Match would let the write through unconditionally.
+            tags.extend(etag_list(text).ok_or_else(|| {
+                ApiError::InvalidRequest(format!(
+                    "the {name} header is not * or a list of entity tags (\"…\" or W/\"…\", quotes included)"
+                ))
+            })?);
         }
         Ok(Some(tags))
     };
@@ -276,20 +282,41 @@ fn precondition(req: &Req) -> Result<Precondition, ApiError> {
     })
 }
 
-/// Splits an entity-tag list header (`"a", W/"b", *`), keeping weak markers.
-fn etag_list(v: &str) -> Vec<String> {
-    v.split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(str::to_owned)
-        .collect()
+/// Parses an entity-tag list header (RFC 9110 §8.8.3, §13.1: `*`, or `"a", W/"b"`, commas
+/// allowed inside the quotes), keeping weak markers; `None` if it is not one. Empty list
+/// elements are skipped, as RFC 9110 §5.6.1 asks of recipients.
+fn etag_list(v: &str) -> Option<Vec<String>> {
+    let mut tags = Vec::new();
+    let mut rest = v.trim_start_matches([' ', '\t', ',']);
+    while !rest.is_empty() {
+        let len = if rest.starts_with('*') {
+            1
+        } else {
+            let weak = if rest.starts_with("W/") { 2 } else { 0 };
+            let quoted = rest[weak..].strip_prefix('"')?;
+            // etagc: %x21 / %x23-7E / obs-text, i.e. anything visible but the quote.
+            let end = quoted.find('"')?;
+            if quoted[..end].bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return None;
+            }
+            weak + end + 2
+        };
+        tags.push(rest[..len].to_owned());
+        rest = rest[len..].trim_start_matches([' ', '\t']);
+        if !rest.is_empty() {
+            rest = rest.strip_prefix(',')?.trim_start_matches([' ', '\t', ',']);
+        }
+    }
+    Some(tags)
 }
 
-/// `If-None-Match` on a read: weak comparison.
+/// `If-None-Match` on a read: weak comparison. A header that is not an entity-tag list
+/// matches nothing (the full answer is sent).
 fn none_match(header: &str, etag: &[u8]) -> bool {
-    etag_list(header)
-        .iter()
-        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == etag)
+    etag_list(header).is_some_and(|tags| {
+        tags.iter()
+            .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == etag)
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -709,10 +736,33 @@ mod tests {
     #[test]
     fn etag_lists() {
         assert_eq!(
-            etag_list("\"1\", W/\"2\" ,*"),
+            etag_list("\"1\", W/\"2\" ,*").unwrap(),
             vec!["\"1\"", "W/\"2\"", "*"]
         );
+        // Commas inside quotes are part of the tag; empty elements are skipped.
+        assert_eq!(
+            etag_list(" ,\"a,b\",, \t\"\" ,").unwrap(),
+            vec!["\"a,b\"", "\"\""]
+        );
+        assert_eq!(etag_list("").unwrap(), Vec::<String>::new());
+        // Not entity tags: unquoted, unterminated, a weak marker alone, two tags without a
+        // comma, a space inside the quotes.
+        for bad in [
+            "71",
+            "\"unterminated",
+            "W/",
+            "\"a\" \"b\"",
+            "\"a b\"",
+            "W/7",
+            "*x",
+        ] {
+            assert_eq!(etag_list(bad), None, "{bad}");
+        }
         assert!(none_match("W/\"2\"", b"\"2\""));
+        assert!(
+            !none_match("2", b"\"2\""),
+            "a malformed header matches nothing"
+        );
         assert!(none_match("\"1\", \"2\"", b"\"2\""));
         assert!(!none_match("\"1\"", b"\"2\""));
     }

@@ -276,3 +276,46 @@ async fn if_none_match_star_never_overwrites_a_concurrent_create() {
         _ => panic!("both wrote the key: {mine:?} / {theirs:?}"),
     }
 }
+
+/// A precondition header that is not `*` or a list of entity tags is refused (400), not
+/// ignored: an ignored `If-None-Match` would let the write through unconditionally.
+#[tokio::test]
+async fn malformed_preconditions_are_refused() {
+    let (app, _db) = spawn_app(&[]).await;
+    let r = app.put_value("m", json!("before")).await;
+    let tag = etag(&r);
+    let bare = tag.trim_matches('"').to_string();
+    for name in ["if-none-match", "if-match"] {
+        for bad in [bare.as_str(), "\"unterminated", "W/", "\"a\" \"b\""] {
+            let r = app
+                .client
+                .put(app.url("/v1/keys/m"))
+                .header(name, bad)
+                .json(&json!({"value": "after"}))
+                .send()
+                .await
+                .unwrap();
+            let p = assert_problem(r, 400, "invalid_request").await;
+            assert!(p["detail"].as_str().unwrap().contains("entity tags"), "{p}");
+        }
+    }
+    let r = app
+        .client
+        .delete(app.url("/v1/keys/m"))
+        .header("if-match", bare.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_problem(r, 400, "invalid_request").await;
+    let e: serde_json::Value = app.get("/v1/keys/m").await.json().await.unwrap();
+    assert_eq!(e["value"], "before", "nothing was written");
+    // A read with a malformed If-None-Match simply gets the entry.
+    let r = app
+        .client
+        .get(app.url("/v1/keys/m"))
+        .header("if-none-match", bare.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

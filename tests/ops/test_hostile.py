@@ -1141,12 +1141,19 @@ def _auth_ok(value: str | None) -> bool:
     return bool(sep) and scheme.lower() == "bearer" and token.strip(" \t") in TOKENS
 
 
-def _tags(value: str) -> list[str] | None:
-    if not value.isascii():
+def _etag_list(value: str) -> list[str] | None:
+    """RFC 9110's `*` / #entity-tag, as the service parses it (weak markers kept); None when
+    the value is not such a list (a write is then refused with 400)."""
+    m = re.fullmatch(r'[ \t,]*((?:\*|(?:W/)?"[\x21\x23-\x7e]*")(?:[ \t]*,[ \t,]*(?:\*|(?:W/)?"[\x21\x23-\x7e]*"))*)?[ \t,]*', value)
+    if m is None:
         return None
-    tags = [t.strip(" \t") for t in value.split(",")]
-    tags = [t[2:] if t.startswith("W/") else t for t in tags]
-    tags = [t for t in tags if t]
+    return re.findall(r'\*|(?:W/)?"[\x21\x23-\x7e]*"', value)
+
+
+def _tags(value: str) -> list[str] | None:
+    """The tags of a well-formed list, weak markers dropped; None when there are none."""
+    tags = _etag_list(value) if value.isascii() else None
+    tags = [t[2:] if t.startswith("W/") else t for t in tags or []]
     return tags or None
 
 
@@ -1237,6 +1244,10 @@ def test_headers(verified, data, method, key, auth, cond, rid, junk_headers):
     allowed = True
     if pre is not None:
         which, v = pre
+        if v.isascii() and _etag_list(v) is None:
+            # Not * or a list of entity tags: refused, never ignored.
+            assert r.status == 400 and json.loads(r.body)["code"] == "invalid_request", (pre, r)
+            return
         tags = _tags(v)
         if tags is None:
             # An empty (or non-ASCII) tag list: refused as malformed today; RFC 9110 reads it as
