@@ -185,6 +185,13 @@ async fn write(
             "the value nests deeper than {MAX_VALUE_DEPTH} levels"
         ))
     })?;
+    if has_lone_surrogate(&value) {
+        return Err(ApiError::InvalidJson(
+            "the value holds a \\u escape of a lone UTF-16 surrogate (such as \\ud800 without \
+             its pair): that is not Unicode text, and strict JSON parsers refuse to read it back"
+                .into(),
+        ));
+    }
     if value.len() > state.config.max_value_bytes {
         return Err(ApiError::ValueTooLarge(format!(
             "the value is {} bytes of JSON; the limit is {} bytes",
@@ -543,6 +550,40 @@ pub fn compact_json(json: &str) -> Option<String> {
     Some(out)
 }
 
+/// Whether valid JSON text holds a `\u` escape of a UTF-16 surrogate outside a pair
+/// (`"\ud800"` alone): the JSON grammar allows it, but it is no Unicode text, and strict
+/// parsers (serde_json among them, so also this service's own key field) refuse it. In
+/// valid JSON every backslash is in a string and starts an escape, so a scan of the
+/// backslashes finds every `\u`.
+pub fn has_lone_surrogate(json: &str) -> bool {
+    let b = json.as_bytes();
+    let hex = |at: usize| {
+        json.get(at..at + 4)
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    let mut i = 0;
+    while let Some(off) = b.get(i..).and_then(|r| r.iter().position(|&c| c == b'\\')) {
+        let at = i + off;
+        if b.get(at + 1) != Some(&b'u') {
+            i = at + 2; // \" \\ \/ \b \f \n \r \t
+            continue;
+        }
+        match hex(at + 2) {
+            Some(0xD800..=0xDBFF) => {
+                let low = b.get(at + 6..at + 8) == Some(&b"\\u"[..])
+                    && matches!(hex(at + 8), Some(0xDC00..=0xDFFF));
+                if !low {
+                    return true;
+                }
+                i = at + 12;
+            }
+            Some(0xDC00..=0xDFFF) => return true,
+            _ => i = at + 6,
+        }
+    }
+    false
+}
+
 /// The largest request body accepted: room for a value at the limit written with
 /// generous whitespace, plus the key and the other fields.
 pub fn body_limit(max_value_bytes: usize) -> usize {
@@ -731,6 +772,29 @@ mod tests {
         assert!(
             decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("{}")).is_err()
         );
+    }
+
+    #[test]
+    fn lone_surrogates() {
+        for ok in [
+            r#""plain""#,
+            r#""\ud83d\ude00""#,
+            r#""\u00e9\n\\u""#,
+            r#"{"\\ud800":1}"#,
+            r#"["\uD83D\uDE00x"]"#,
+        ] {
+            assert!(!has_lone_surrogate(ok), "{ok}");
+        }
+        for bad in [
+            r#""\ud800""#,
+            r#""\udc00""#,
+            r#""a\uDBFFb""#,
+            r#""\ud83d\u0041""#,
+            r#"["ok","\ude00"]"#,
+            r#""\ud800\ud800""#,
+        ] {
+            assert!(has_lone_surrogate(bad), "{bad}");
+        }
     }
 
     #[test]

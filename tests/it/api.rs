@@ -1079,3 +1079,33 @@ async fn refusals_of_the_http_layer_are_problem_documents() {
     }
     assert_eq!(app.get("/v1/keys/Homer").await.status(), 200);
 }
+
+/// A value may not hold a lone UTF-16 surrogate escape (`"\ud800"`): valid JSON grammar, but
+/// no Unicode text, and strict parsers could not read the entry (or any listing page with
+/// it) back. A proper pair is stored as sent.
+#[tokio::test]
+async fn values_with_lone_surrogates_are_refused() {
+    let (app, _db) = spawn_app(&[]).await;
+    for body in [r#"{"value":"\ud800"}"#, r#"{"value":["x","\udc00"]}"#] {
+        let r = app
+            .client
+            .put(app.url("/v1/keys/surrogate"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let p = assert_problem(r, 400, "invalid_json").await;
+        assert!(p["detail"].as_str().unwrap().contains("surrogate"), "{p}");
+    }
+    assert_eq!(app.get("/v1/keys/surrogate").await.status(), 404);
+    let r = app
+        .client
+        .put(app.url("/v1/keys/surrogate"))
+        .body(r#"{"value":"\ud83d\ude00"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let text = app.get("/v1/keys/surrogate").await.text().await.unwrap();
+    assert!(text.contains(r#""value":"\ud83d\ude00""#), "{text}");
+}
