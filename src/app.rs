@@ -118,6 +118,15 @@ pub async fn start(config: Config, log: Logger, access: AccessLog) -> std::io::R
         revision: REVISION,
     });
     log_startup(&state, http_addr, metrics_addr);
+    let open_files = raise_open_files_limit();
+    let api_max_connections = connection_limit(&state.config, open_files);
+    if api_max_connections < state.config.max_connections {
+        warn!(log, "the open-files limit is too low for KV_MAX_CONNECTIONS: serving fewer connections at once";
+            "open_files_limit" => open_files, "max_connections" => api_max_connections,
+            "configured" => state.config.max_connections);
+    } else {
+        info!(log, "open-files limit"; "open_files_limit" => open_files);
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (stop_accepting_tx, stop_accepting_rx) = watch::channel(false);
@@ -139,7 +148,7 @@ pub async fn start(config: Config, log: Logger, access: AccessLog) -> std::io::R
         Listener {
             tcp: http,
             name: "api",
-            max_connections: state.config.max_connections,
+            max_connections: api_max_connections,
         },
         api_handler,
         graceful.clone(),
@@ -260,6 +269,30 @@ fn log_startup(state: &State, http: SocketAddr, metrics: SocketAddr) {
         warn!(log, "no API token configured (KV_API_TOKENS / KV_API_TOKENS_FILE): writes are open to anyone who can reach the port");
     }
     info!(log, "listening"; "http_addr" => http.to_string(), "metrics_addr" => metrics.to_string());
+}
+
+/// Raises the soft limit on open files to the hard limit and returns it. Rust, unlike Go's
+/// runtime, leaves the soft limit as it finds it, and containerd 2.x starts containers at
+/// 1024: a few hundred client connections short of `KV_MAX_CONNECTIONS`, the process would
+/// fail to accept ("too many open files") and to open database connections.
+/// (Up to 2^20, Linux's default `fs.nr_open`: a hard limit of "unlimited" cannot be set.)
+fn raise_open_files_limit() -> u64 {
+    let _ = rlimit::increase_nofile_limit(1 << 20);
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
+/// Files kept open besides the API port's connections: the metrics port's, the database
+/// pools', the listeners, the runtime's and the log's.
+const OTHER_FILES: u64 = METRICS_MAX_CONNECTIONS as u64 + 64;
+
+/// The API port's connection limit: `KV_MAX_CONNECTIONS`, or less if the open-files limit
+/// would not leave room for the other files (`OTHER_FILES` plus the database pools).
+fn connection_limit(config: &Config, open_files: u64) -> usize {
+    let others = OTHER_FILES + config.db_pool_max as u64 + 2;
+    let room = open_files.saturating_sub(others).max(1);
+    config
+        .max_connections
+        .min(usize::try_from(room).unwrap_or(usize::MAX))
 }
 
 /// A listening socket and the connections it may have open at once.
@@ -683,6 +716,32 @@ async fn invalidation_loop(state: Arc<State>) {
 mod tests {
     use super::*;
     use hyper::rt::Timer;
+
+    #[test]
+    fn the_open_files_limit_bounds_the_connections() {
+        let vars = |max: &str| {
+            [
+                ("KV_DATABASE_URL", "mysql://kv@db:3306/kvstore"),
+                ("KV_MAX_CONNECTIONS", max),
+                ("KV_DB_POOL_MAX", "16"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+        };
+        let config = Config::from_vars(&vars("4096")).unwrap();
+        assert_eq!(connection_limit(&config, 1_048_576), 4096);
+        // containerd 2.x's 1024: room for the pools (16 + 2) and the others.
+        assert_eq!(connection_limit(&config, 1024), 1024 - 64 - 64 - 18);
+        assert_eq!(connection_limit(&config, 10), 1);
+        // The limit is raised to the hard limit, and never lowered.
+        let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+        assert_eq!(raise_open_files_limit(), hard.min(1 << 20));
+        assert_eq!(
+            rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap().0,
+            hard.min(1 << 20)
+        );
+    }
 
     /// The timer of a connection that has received nothing yet (so the header timeout
     /// applies: the durations of these tests are hyper's).
