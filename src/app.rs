@@ -552,6 +552,10 @@ async fn metrics_endpoint(state: &State, req: Request<Incoming>) -> Response {
             allow: "GET, HEAD",
         };
         (api::route::METRICS, Some(e))
+    } else if req.uri().query().is_some_and(|q| !q.is_empty()) {
+        // As on the API port: an unknown query parameter is refused, not ignored.
+        let e = ApiError::InvalidRequest("/metrics takes no query parameters".into());
+        (api::route::METRICS, Some(e))
     } else {
         (api::route::METRICS, None)
     };

@@ -134,8 +134,15 @@ impl Expiry<String, Slot> for ByDeadline {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Hit,
-    Miss,
-    Bypass,
+    /// Read from the database; `stored`: the answer went into the cache (not when the
+    /// cache is off, or the entry is too large for it).
+    Miss {
+        stored: bool,
+    },
+    /// `Cache-Control: no-cache`: read from the database, likewise.
+    Bypass {
+        stored: bool,
+    },
 }
 
 impl Source {
@@ -145,8 +152,10 @@ impl Source {
         HeaderValue::from_static(match (self, db_unreachable) {
             (Source::Hit, false) => "kvstore; hit",
             (Source::Hit, true) => "kvstore; hit; detail=db-unreachable",
-            (Source::Miss, _) => "kvstore; fwd=miss; stored",
-            (Source::Bypass, _) => "kvstore; fwd=request; stored",
+            (Source::Miss { stored: true }, _) => "kvstore; fwd=miss; stored",
+            (Source::Miss { stored: false }, _) => "kvstore; fwd=miss",
+            (Source::Bypass { stored: true }, _) => "kvstore; fwd=request; stored",
+            (Source::Bypass { stored: false }, _) => "kvstore; fwd=request",
         })
     }
 }
@@ -282,7 +291,8 @@ impl Cache {
         let started = Instant::now();
         let mut loaded: Option<Option<CachedEntry>> = None;
         let mut failed: Option<DbError> = None;
-        let (loaded_ref, failed_ref) = (&mut loaded, &mut failed);
+        let mut stored = false;
+        let (loaded_ref, failed_ref, stored_ref) = (&mut loaded, &mut failed, &mut stored);
         let compute = self
             .inner
             .entry_by_ref(key)
@@ -312,6 +322,7 @@ impl Cache {
                         if !self.is_armed() || weight(key, &slot) > self.max_entry_weight {
                             Op::Remove
                         } else {
+                            *stored_ref = true;
                             Op::Put(slot)
                         }
                     }
@@ -327,7 +338,12 @@ impl Cache {
         }
         if let Some(item) = loaded {
             self.metrics.cache_misses.inc();
-            return Ok((item, if bypass { Source::Bypass } else { Source::Miss }));
+            let source = if bypass {
+                Source::Bypass { stored }
+            } else {
+                Source::Miss { stored }
+            };
+            return Ok((item, source));
         }
         self.metrics.cache_hits.inc();
         let item = result.into_entry().and_then(|e| e.into_value().item);

@@ -120,6 +120,11 @@ impl ApiError {
             ApiError::Unavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            // The rest of the body may still arrive: the connection cannot carry another
+            // request (RFC 9110 §15.5.9), and hyper closes it after this answer.
+            ApiError::RequestTimeout => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         resp

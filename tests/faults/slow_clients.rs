@@ -221,6 +221,12 @@ async fn idle_and_trickling_connections_do_not_starve_others() {
     );
     if !answer.is_empty() {
         assert!(answer.contains("\"request_timeout\""), "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "a 408 must close the connection: {answer}"
+        );
     }
     assert!(
         body_answered >= Duration::from_millis(1900) && body_answered < Duration::from_secs(4),

@@ -697,6 +697,12 @@ async fn the_metrics_port_serves_metrics_only_and_refuses_with_problems() {
     let r = app.client.post(url("/metrics")).send().await.unwrap();
     assert_eq!(r.headers()["allow"], "GET, HEAD");
     assert_problem(r, 405, "method_not_allowed").await;
+    assert_problem(
+        app.client.get(url("/metrics?x=1")).send().await.unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
     let line = access_line(&app, "scrape-1").await;
     assert_eq!(
         (line["route"].as_str(), line["status"].as_u64()),

@@ -140,7 +140,11 @@ async fn cache_stays_within_its_byte_budget() {
     let r = app.get("/v1/keys/huge").await;
     assert_eq!(r.status(), 200);
     let r = app.get("/v1/keys/huge").await;
-    assert_eq!(cache_status(&r), "kvstore; fwd=miss; stored");
+    assert_eq!(
+        cache_status(&r),
+        "kvstore; fwd=miss",
+        "read from the database again, and not stored"
+    );
     let text = app.metrics_text().await;
     let size: u64 = text
         .lines()
@@ -373,4 +377,39 @@ async fn a_write_cancelled_after_reaching_the_database_does_not_leave_the_cache_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// RFC 9211's `stored` only when the answer went into the cache: not with the cache off
+/// (`KV_CACHE_MAX_BYTES=0`), where every read goes to the database.
+#[tokio::test]
+async fn cache_status_says_stored_only_when_it_was() {
+    let (app, _db) = spawn_app(&[("KV_CACHE_MAX_BYTES", "0")]).await;
+    assert_eq!(app.put_value("k", json!(1)).await.status(), 201);
+    for path in ["/v1/keys/k", "/v1/keys/k", "/v1/keys/absent"] {
+        let r = app.get(path).await;
+        assert_eq!(r.headers()["cache-status"], "kvstore; fwd=miss", "{path}");
+    }
+    let r = app
+        .client
+        .get(app.url("/v1/keys/k"))
+        .header("cache-control", "no-cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["cache-status"], "kvstore; fwd=request");
+    // With the cache on, the same reads are stored, then hits.
+    let (app, _db) = spawn_app(&[]).await;
+    assert_eq!(app.put_value("k", json!(1)).await.status(), 201);
+    let r = app
+        .client
+        .get(app.url("/v1/keys/k"))
+        .header("cache-control", "no-cache")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["cache-status"], "kvstore; fwd=request; stored");
+    assert_eq!(
+        app.get("/v1/keys/k").await.headers()["cache-status"],
+        "kvstore; hit"
+    );
 }
