@@ -106,7 +106,9 @@ pub async fn start(config: Config, log: Logger, access: AccessLog) -> std::io::R
     } else {
         AccessLog::off()
     };
+    let body_memory = tokio::sync::Semaphore::new(config.body_memory_bytes.div_ceil(1024));
     let state = Arc::new(State {
+        body_memory,
         config,
         store,
         cache,

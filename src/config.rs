@@ -163,6 +163,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// How long an answered keep-alive connection may wait for its next request.
     pub idle_timeout: Duration,
+    /// Request bodies held in memory at once, all requests together.
+    pub body_memory_bytes: usize,
     /// Open connections the API port serves at once; more wait in the listen backlog.
     pub max_connections: usize,
     pub shutdown_delay: Duration,
@@ -248,6 +250,7 @@ impl Config {
             header_read_timeout: env.duration("KV_HEADER_READ_TIMEOUT", "5s")?,
             idle_timeout: env.duration("KV_IDLE_TIMEOUT", "75s")?,
             max_connections: env.parse("KV_MAX_CONNECTIONS", 4096usize)?,
+            body_memory_bytes: env.parse("KV_BODY_MEMORY_BYTES", 64 * 1024 * 1024usize)?,
             shutdown_delay: env.duration("KV_SHUTDOWN_DELAY", "5s")?,
             shutdown_timeout: env.duration("KV_SHUTDOWN_TIMEOUT", "20s")?,
             purge_interval: env.duration("KV_PURGE_INTERVAL", "30s")?,
@@ -287,6 +290,14 @@ impl Config {
         }
         if self.db_pool_max == 0 || self.db_pool_max > 1000 {
             return Err(err("KV_DB_POOL_MAX must be between 1 and 1000"));
+        }
+        let body_limit = crate::api::keys::body_limit(self.max_value_bytes);
+        if self.body_memory_bytes < body_limit || self.body_memory_bytes > 1 << 40 {
+            return Err(err(format!(
+                "KV_BODY_MEMORY_BYTES must hold at least one request body of the largest size \
+                 ({body_limit} bytes with KV_MAX_VALUE_BYTES={}), and be at most 1 TiB",
+                self.max_value_bytes
+            )));
         }
         if !(1..=1_000_000).contains(&self.max_connections) {
             return Err(err("KV_MAX_CONNECTIONS must be between 1 and 1000000"));
@@ -482,6 +493,7 @@ mod tests {
         assert_eq!(c.cache_ttl, Duration::from_secs(30));
         assert_eq!(c.invalidation_interval, Duration::from_millis(250));
         assert_eq!(c.max_connections, 4096);
+        assert_eq!(c.body_memory_bytes, 64 << 20);
         assert_eq!(c.idle_timeout, Duration::from_secs(75));
         assert!(!c.auth_enabled());
         assert_eq!(c.database.db_name(), "kvstore");
@@ -545,6 +557,7 @@ mod tests {
             ("KV_MAX_VALUE_BYTES", "999999999"),
             ("KV_DB_POOL_MAX", "0"),
             ("KV_MAX_CONNECTIONS", "0"),
+            ("KV_BODY_MEMORY_BYTES", "1000"),
             ("KV_MAX_CONNECTIONS", "lots"),
             ("KV_AUTH_READS", "maybe"),
             ("KV_LOG_LEVEL", "loud"),

@@ -80,6 +80,7 @@ async fn change(
         Method::PUT => {
             auth::check_write(&state.config, req)?;
             req.query_params(&[])?;
+            let _memory = hold_body_memory(state, &req.headers).await?;
             let raw = read_body(body, &req.headers, state).await?;
             let parsed: PutBody = parse_json(&raw)?;
             let value = parsed.value;
@@ -98,6 +99,7 @@ async fn collection(req: Req, body: Option<Body>, state: &State) -> Response {
             Method::POST => {
                 auth::check_write(&state.config, &req)?;
                 req.query_params(&[])?;
+                let _memory = hold_body_memory(state, &req.headers).await?;
                 let raw = read_body(body, &req.headers, state).await?;
                 let parsed: PostBody = parse_json(&raw)?;
                 validate_key(&parsed.key)?;
@@ -592,6 +594,37 @@ pub fn body_limit(max_value_bytes: usize) -> usize {
 
 /// Reads the whole body within the request timeout, refusing it (413) as soon as it is
 /// known to exceed the limit: by its Content-Length, or while streaming.
+/// Reserves memory for a write's request body, until the write is done: its declared
+/// `Content-Length`, or the largest body allowed when it declares none (chunked), so that
+/// all bodies in memory at once stay within `KV_BODY_MEMORY_BYTES`. Without it, a few dozen
+/// concurrent writes of large values could take a pod past its memory limit (≈ 2 MiB of
+/// body each, and as much again for the value taken out of it). Waits at most
+/// `KV_DB_ACQUIRE_TIMEOUT`, like a write waiting for a database connection, then `503`.
+/// A body declared over the limit reserves nothing: `read_body` refuses it.
+async fn hold_body_memory<'a>(
+    state: &'a State,
+    headers: &HeaderMap,
+) -> Result<Option<tokio::sync::SemaphorePermit<'a>>, ApiError> {
+    let limit = body_limit(state.config.max_value_bytes);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(limit);
+    if declared > limit {
+        return Ok(None);
+    }
+    let kib = u32::try_from(declared.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let wait = state.config.db_acquire_timeout;
+    match tokio::time::timeout(wait, state.body_memory.acquire_many(kib)).await {
+        Ok(Ok(permit)) => Ok(Some(permit)),
+        _ => Err(ApiError::Unavailable(
+            "too many request bodies in memory at once (KV_BODY_MEMORY_BYTES); retry shortly"
+                .into(),
+        )),
+    }
+}
+
 async fn read_body(
     body: Option<Body>,
     headers: &HeaderMap,

@@ -81,6 +81,8 @@ pub struct State {
     pub log: slog::Logger,
     /// The access log (off with `KV_ACCESS_LOG=false`).
     pub access: crate::logging::AccessLog,
+    /// Request bodies in memory, all requests together, in KiB (`KV_BODY_MEMORY_BYTES`).
+    pub body_memory: tokio::sync::Semaphore,
     pub version: &'static str,
     pub revision: &'static str,
 }

@@ -1115,3 +1115,60 @@ async fn values_with_lone_surrogates_are_refused() {
     let text = app.get("/v1/keys/surrogate").await.text().await.unwrap();
     assert!(text.contains(r#""value":"\ud83d\ude00""#), "{text}");
 }
+
+/// `KV_BODY_MEMORY_BYTES` bounds the request bodies held in memory at once: with room for
+/// one body of the largest size, a second write waits while the first is being received,
+/// and gets 503 (retryable) after `KV_DB_ACQUIRE_TIMEOUT`; once the first is done, writes
+/// go through again.
+#[tokio::test]
+async fn request_bodies_in_memory_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    // KV_MAX_VALUE_BYTES=1000: the largest body is 2 × 1000 + 65 536 bytes.
+    let largest = 2 * 1000 + 65_536;
+    let (app, _db) = spawn_app(&[
+        ("KV_MAX_VALUE_BYTES", "1000"),
+        ("KV_BODY_MEMORY_BYTES", &largest.to_string()),
+        ("KV_DB_ACQUIRE_TIMEOUT", "500ms"),
+    ])
+    .await;
+    // A write that declares the largest body and sends it slowly.
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = format!(
+        "{{\"value\":\"{}\"}}{}",
+        "v".repeat(900),
+        " ".repeat(largest - 912)
+    );
+    assert_eq!(body.len(), largest);
+    slow.write_all(
+        format!("PUT /v1/keys/slow HTTP/1.1\r\nHost: x\r\nContent-Length: {largest}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    slow.write_all(&body.as_bytes()[..100]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let r = app.put_value("other", json!(1)).await;
+    let waited = started.elapsed();
+    let p = assert_problem(r, 503, "unavailable").await;
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("KV_BODY_MEMORY_BYTES"),
+        "{p}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(450),
+        "refused after {waited:?}, without waiting for memory"
+    );
+    // The slow write completes; then there is room again.
+    slow.write_all(&body.as_bytes()[100..]).await.unwrap();
+    let mut head = [0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut slow, &mut head)
+        .await
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 201");
+    assert_eq!(app.put_value("other", json!(1)).await.status(), 201);
+}
