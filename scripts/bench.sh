@@ -584,8 +584,8 @@ mkdir -p "$(dirname "$OUT")"
     "(an inter-processor interrupt, dear in a VM), so a slower server also pays more kernel time per request;"\
     "cache hits = hits / (hits + misses)"\
     "from kvstore_cache_{hits,misses}_total over the run; DB conns opened = MySQL connections opened during"\
-    "the run (MariaDB status counter \`Connections\`; mysql_async counts 2 per connection, TCP then the Unix"\
-    "socket it switches to; a warm pool opens ~0); CPU steal = share of the machine's CPU time the"\
+    "the run (MariaDB status counter \`Connections\`; TCP only, as kvstore connects unless its URL says"\
+    "prefer_socket=true; a warm pool opens ~0); CPU steal = share of the machine's CPU time the"\
     "hypervisor gave to other guests during the run (/proc/stat), a sign the figures are skewed."
 } >"$OUT.tmp"
 # verdict() runs in subshells above: recompute MISSED here

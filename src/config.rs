@@ -395,6 +395,15 @@ pub fn database_config(
     // instead of after two hours. It matters for the statements that have no query timeout,
     // the migrations at start-up; the rest are bounded by `KV_DB_QUERY_TIMEOUT` anyway.
     let keepalive = opts.tcp_keepalive().or(Some(DB_TCP_KEEPALIVE));
+    // TCP only, unless the URL asks for the socket (`prefer_socket=true`). The driver's
+    // default, for a loopback address, asks the server for its Unix socket path and switches
+    // to that path on this machine: through a tunnel or a proxy on 127.0.0.1 that can be a
+    // different server with the same path, holding other data.
+    let url_sets_socket = url.split_once('?').is_some_and(|(_, q)| {
+        q.split('&')
+            .any(|p| p.split('=').next() == Some("prefer_socket"))
+    });
+    let prefer_socket = url_sets_socket && opts.prefer_socket();
     let mut builder = OptsBuilder::from_opts(opts)
         // No COM_RESET_CONNECTION between uses: the service keeps no session state, and a
         // reset would drop every prepared statement (a prepare round trip per query).
@@ -417,7 +426,8 @@ pub fn database_config(
         ])
         .stmt_cache_size(64)
         .tcp_nodelay(true)
-        .tcp_keepalive(keepalive);
+        .tcp_keepalive(keepalive)
+        .prefer_socket(prefer_socket);
     if let Some(pw) = password {
         builder = builder.pass(Some(pw));
     }
@@ -498,6 +508,16 @@ mod tests {
         assert!(!c.auth_enabled());
         assert_eq!(c.database.db_name(), "kvstore");
         assert_eq!(c.database.opts().tcp_keepalive(), Some(DB_TCP_KEEPALIVE));
+        assert!(!c.database.opts().prefer_socket(), "TCP only by default");
+        let c = Config::from_vars(&vars(&[(
+            "KV_DATABASE_URL",
+            "mysql://kv@127.0.0.1:3306/kvstore?prefer_socket=true",
+        )]))
+        .unwrap();
+        assert!(
+            c.database.opts().prefer_socket(),
+            "unless the URL asks for it"
+        );
         let c = Config::from_vars(&vars(&[(
             "KV_DATABASE_URL",
             "mysql://kv@db:3306/kvstore?tcp_keepalive=5000",
