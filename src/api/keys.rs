@@ -592,8 +592,6 @@ pub fn body_limit(max_value_bytes: usize) -> usize {
     max_value_bytes * 2 + 64 * 1024
 }
 
-/// Reads the whole body within the request timeout, refusing it (413) as soon as it is
-/// known to exceed the limit: by its Content-Length, or while streaming.
 /// Reserves memory for a write's request body, until the write is done: its declared
 /// `Content-Length`, or the largest body allowed when it declares none (chunked), so that
 /// all bodies in memory at once stay within `KV_BODY_MEMORY_BYTES`. Without it, a few dozen
@@ -625,6 +623,8 @@ async fn hold_body_memory<'a>(
     }
 }
 
+/// Reads the whole body within the request timeout, refusing it (413) as soon as it is
+/// known to exceed the limit: by its Content-Length, or while streaming.
 async fn read_body(
     body: Option<Body>,
     headers: &HeaderMap,
