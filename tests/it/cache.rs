@@ -383,31 +383,27 @@ async fn a_write_cancelled_after_reaching_the_database_does_not_leave_the_cache_
 /// (`KV_CACHE_MAX_BYTES=0`), where every read goes to the database.
 #[tokio::test]
 async fn cache_status_says_stored_only_when_it_was() {
+    async fn bypassed(app: &TestApp) -> String {
+        let r = app
+            .client
+            .get(app.url("/v1/keys/k"))
+            .header("cache-control", "no-cache")
+            .send()
+            .await
+            .unwrap();
+        cache_status(&r)
+    }
     let (app, _db) = spawn_app(&[("KV_CACHE_MAX_BYTES", "0")]).await;
     assert_eq!(app.put_value("k", json!(1)).await.status(), 201);
     for path in ["/v1/keys/k", "/v1/keys/k", "/v1/keys/absent"] {
         let r = app.get(path).await;
         assert_eq!(r.headers()["cache-status"], "kvstore; fwd=miss", "{path}");
     }
-    let r = app
-        .client
-        .get(app.url("/v1/keys/k"))
-        .header("cache-control", "no-cache")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.headers()["cache-status"], "kvstore; fwd=request");
+    assert_eq!(bypassed(&app).await, "kvstore; fwd=request");
     // With the cache on, the same reads are stored, then hits.
     let (app, _db) = spawn_app(&[]).await;
     assert_eq!(app.put_value("k", json!(1)).await.status(), 201);
-    let r = app
-        .client
-        .get(app.url("/v1/keys/k"))
-        .header("cache-control", "no-cache")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.headers()["cache-status"], "kvstore; fwd=request; stored");
+    assert_eq!(bypassed(&app).await, "kvstore; fwd=request; stored");
     assert_eq!(
         app.get("/v1/keys/k").await.headers()["cache-status"],
         "kvstore; hit"
