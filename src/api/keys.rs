@@ -592,6 +592,14 @@ pub fn body_limit(max_value_bytes: usize) -> usize {
     max_value_bytes * 2 + 64 * 1024
 }
 
+/// The request's `Content-Length`, if it declares a readable one.
+fn content_length(headers: &HeaderMap) -> Option<usize> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Reserves memory for a write's request body, until the write is done: its declared
 /// `Content-Length`, or the largest body allowed when it declares none (chunked), so that
 /// all bodies in memory at once stay within `KV_BODY_MEMORY_BYTES`. Without it, a few dozen
@@ -604,11 +612,7 @@ async fn hold_body_memory<'a>(
     headers: &HeaderMap,
 ) -> Result<Option<tokio::sync::SemaphorePermit<'a>>, ApiError> {
     let limit = body_limit(state.config.max_value_bytes);
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(limit);
+    let declared = content_length(headers).unwrap_or(limit);
     if declared > limit {
         return Ok(None);
     }
@@ -640,10 +644,7 @@ async fn read_body(
             "the request body exceeds the limit of {limit} bytes"
         ))
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = content_length(headers);
     let expects_continue = headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));

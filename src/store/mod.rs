@@ -952,14 +952,17 @@ async fn lock_row(
         .bytes(key.as_bytes())
         .raw(" FOR UPDATE");
     let row = tx.batch(sql.into_string()).await?.into_iter().next();
-    Ok(row.map(|mut row| {
-        let rev: Option<u64> = row.take(0);
-        let expires: Option<Value> = row.take(1);
-        let live = expires.is_some_and(|e| live_at(time::from_sql(&e), now));
-        Current {
-            live_rev: rev.filter(|_| live),
-        }
+    Ok(row.map(|row| Current {
+        live_rev: live_rev(row, now),
     }))
+}
+
+/// The revision of a locked `(rev, expires_at)` row, if the entry is live at `now`.
+fn live_rev(mut row: Row, now: Micros) -> Option<u64> {
+    let rev: Option<u64> = row.take(0);
+    let expires: Option<Value> = row.take(1);
+    let live = expires.is_some_and(|e| live_at(time::from_sql(&e), now));
+    rev.filter(|_| live)
 }
 
 /// Starts a conditional write's transaction and locks `key`'s row whether or not it
@@ -991,11 +994,7 @@ async fn claim_row(
     .raw(" FOR UPDATE");
     let row = tx.batch(sql.into_string()).await?.into_iter().next();
     let bad = || mysql_async::Error::Other("the claimed row is missing".into());
-    let mut row = row.ok_or_else(bad)?;
-    let rev: Option<u64> = row.take(0);
-    let expires: Option<Value> = row.take(1);
-    let live = expires.is_some_and(|e| live_at(time::from_sql(&e), now));
-    Ok(rev.filter(|_| live))
+    Ok(live_rev(row.ok_or_else(bad)?, now))
 }
 
 /// The change-log row of a write; its id (LAST_INSERT_ID()) is the write's revision.
