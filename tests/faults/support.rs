@@ -51,6 +51,22 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(st.success(), "kill -{sig} {pid} failed");
 }
 
+/// Whether every thread of `pid` is stopped (state `T` in /proc/PID/task/TID/stat).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            // the state follows the command name, which is in parentheses and may hold spaces
+            .map(|st| {
+                st.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T'))
+            })
+            .unwrap_or(true) // a thread that exited meanwhile
+    })
+}
+
 /// Resident set size of a process in KiB (`VmRSS` of /proc/PID/status).
 pub fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
@@ -406,10 +422,21 @@ impl PrivateDb {
         self.spawn_server();
     }
 
-    /// SIGSTOP: the server hangs, its sockets stay open.
+    /// SIGSTOP: the server hangs, its sockets stay open. `kill` returns before the kernel has
+    /// stopped every thread, so this waits until each one shows state `T`: a query sent in that
+    /// gap would still be answered.
     pub fn pause(&mut self) {
-        signal(self.child.as_ref().unwrap().id(), "STOP");
+        let pid = self.child.as_ref().unwrap().id();
+        signal(pid, "STOP");
         self.paused = true;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "database threads still running 10 s after SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// SIGCONT.

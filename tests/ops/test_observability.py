@@ -558,6 +558,24 @@ def own_database():
         subprocess.run([str(script), "stop", info["DIR"]], timeout=60)
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP, then wait until every thread is stopped: kill() returns before the kernel has
+    stopped them all, and a query sent in that gap is still answered (a 404 instead of a 503)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while True:
+        states = []
+        for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append(task.joinpath("stat").read_text().rsplit(") ", 1)[1][0])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # the thread exited meanwhile
+        if states and all(s == "T" for s in states):
+            return
+        assert time.monotonic() < deadline, f"database threads still running 10 s after SIGSTOP: {states}"
+        time.sleep(0.005)
+
+
 def scrape_path_from_servicemonitor() -> str:
     """The ServiceMonitor's endpoint path (the Kubernetes component's), else the contract's /metrics."""
     for f in sorted((REPO / "kustomize").rglob("*.yaml")) if (REPO / "kustomize").is_dir() else []:
@@ -649,7 +667,7 @@ def test_real_prometheus_has_data_for_every_panel_and_evaluates_every_rule(
 
     # Stop the database: cached reads still answer, misses and writes get 503.
     assert s.get(kv_url(a.http, "a/k1"), timeout=10).status_code == 200
-    os.kill(db_pid, signal.SIGSTOP)
+    freeze(db_pid)
     statuses = []
 
     def failing(base: str, tag: str, n: int):
