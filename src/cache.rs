@@ -81,6 +81,11 @@ impl CachedEntry {
         self.etag.as_bytes()
     }
 
+    /// The `Last-Modified` value (an HTTP date).
+    pub fn last_modified(&self) -> &[u8] {
+        self.last_modified.as_bytes()
+    }
+
     /// `ETag`, `Last-Modified` and body as the response takes them.
     pub fn into_parts(self) -> (HeaderValue, HeaderValue, Bytes) {
         (self.etag, self.last_modified, self.body)

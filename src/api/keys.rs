@@ -123,16 +123,21 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
     auth::check_read(&state.config, req)?;
     req.query_params(&[])?;
     // One pass over the request's headers (a handful, usually) rather than a lookup for
-    // each name: `no-cache` in any Cache-Control or Pragma, and the first If-None-Match.
-    let (mut bypass, mut if_none_match) = (false, None);
+    // each name: `no-cache` in any Cache-Control or Pragma, and whether any precondition is
+    // there at all.
+    let (mut bypass, mut conditional) = (false, false);
     for (name, value) in &req.headers {
         if name == header::CACHE_CONTROL || name == header::PRAGMA {
             bypass |= value.to_str().is_ok_and(|v| {
                 v.split(',')
                     .any(|d| d.trim().eq_ignore_ascii_case("no-cache"))
             });
-        } else if name == header::IF_NONE_MATCH && if_none_match.is_none() {
-            if_none_match = Some(value);
+        } else if name == header::IF_NONE_MATCH
+            || name == header::IF_MATCH
+            || name == header::IF_MODIFIED_SINCE
+            || name == header::IF_UNMODIFIED_SINCE
+        {
+            conditional = true;
         }
     }
     let (item, source) = state
@@ -150,11 +155,18 @@ async fn get(state: &State, req: &Req, key: &str) -> Result<Response, ApiError> 
             .insert(CACHE_STATUS.clone(), cache_status);
         return Ok(resp);
     };
-    let not_modified = if_none_match
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| none_match(v, item.etag()));
+    let outcome = if conditional {
+        read_precondition(&req.headers, &item)
+    } else {
+        ReadOutcome::Send
+    };
+    if outcome == ReadOutcome::Failed {
+        return Err(ApiError::PreconditionFailed(format!(
+            "the precondition (If-Match / If-Unmodified-Since) does not hold for key {key:?}"
+        )));
+    }
     let mut resp = entry_response(StatusCode::OK, item);
-    if not_modified {
+    if outcome == ReadOutcome::NotModified {
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         *resp.body_mut() = Bytes::new().into();
         resp.headers_mut().remove(header::CONTENT_TYPE);
@@ -319,13 +331,68 @@ fn etag_list(v: &str) -> Option<Vec<String>> {
     Some(tags)
 }
 
-/// `If-None-Match` on a read: weak comparison. A header that is not an entity-tag list
-/// matches nothing (the full answer is sent).
-fn none_match(header: &str, etag: &[u8]) -> bool {
-    etag_list(header).is_some_and(|tags| {
-        tags.iter()
-            .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == etag)
-    })
+/// What the preconditions of a read of an existing entry decide.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadOutcome {
+    Send,
+    /// `304 Not Modified`.
+    NotModified,
+    /// `412 Precondition Failed`.
+    Failed,
+}
+
+/// RFC 9110 §13.2.2 for a `GET`/`HEAD` of an entry that exists (a read that would be a 404
+/// ignores its preconditions): `If-Match`, else `If-Unmodified-Since`, may fail it (412);
+/// then `If-None-Match`, else `If-Modified-Since`, may make it a 304. A header the service
+/// cannot read is ignored on a read (RFC 9110 lets a recipient ignore an invalid date; a
+/// malformed entity-tag list is treated the same way), so the full answer is sent.
+fn read_precondition(headers: &HeaderMap, item: &CachedEntry) -> ReadOutcome {
+    let tags = |name: header::HeaderName| -> Option<Vec<String>> {
+        let mut tags = Vec::new();
+        for v in headers.get_all(name) {
+            tags.extend(etag_list(v.to_str().ok()?)?);
+        }
+        // An empty list (`If-Match: ,`) is read as no header.
+        (!tags.is_empty()).then_some(tags)
+    };
+    let date = |name: header::HeaderName| {
+        // A date sent twice is not a date (RFC 9110 §13.1.3, §13.1.4).
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(v), None) => httpdate::parse_http_date(v.to_str().ok()?).ok(),
+            _ => None,
+        }
+    };
+    // Last-Modified has whole seconds, and so do the dates compared with it.
+    let modified = std::str::from_utf8(item.last_modified())
+        .ok()
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    if let Some(tags) = tags(header::IF_MATCH) {
+        // Strong comparison: a weak tag never matches.
+        if !tags.iter().any(|t| t == "*" || t.as_bytes() == item.etag()) {
+            return ReadOutcome::Failed;
+        }
+    } else if let (Some(since), Some(modified)) = (date(header::IF_UNMODIFIED_SINCE), modified) {
+        if modified > since {
+            return ReadOutcome::Failed;
+        }
+    }
+    if headers.contains_key(header::IF_NONE_MATCH) {
+        if tags(header::IF_NONE_MATCH).is_some_and(|tags| none_match(&tags, item.etag())) {
+            return ReadOutcome::NotModified;
+        }
+    } else if let (Some(since), Some(modified)) = (date(header::IF_MODIFIED_SINCE), modified) {
+        if modified <= since {
+            return ReadOutcome::NotModified;
+        }
+    }
+    ReadOutcome::Send
+}
+
+/// `If-None-Match` on a read: weak comparison.
+fn none_match(tags: &[String], etag: &[u8]) -> bool {
+    tags.iter()
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t).as_bytes() == etag)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -856,12 +923,10 @@ mod tests {
         ] {
             assert_eq!(etag_list(bad), None, "{bad}");
         }
-        assert!(none_match("W/\"2\"", b"\"2\""));
-        assert!(
-            !none_match("2", b"\"2\""),
-            "a malformed header matches nothing"
-        );
-        assert!(none_match("\"1\", \"2\"", b"\"2\""));
-        assert!(!none_match("\"1\"", b"\"2\""));
+        let matches = |header: &str, etag: &[u8]| none_match(&etag_list(header).unwrap(), etag);
+        assert!(matches("W/\"2\"", b"\"2\""));
+        assert!(matches("\"1\", \"2\"", b"\"2\""));
+        assert!(matches("*", b"\"2\""));
+        assert!(!matches("\"1\"", b"\"2\""));
     }
 }

@@ -319,3 +319,87 @@ async fn malformed_preconditions_are_refused() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// RFC 9110 §13.2.2 on reads: `If-Match` / `If-Unmodified-Since` can fail a read of an
+/// existing entry (412), `If-None-Match` / `If-Modified-Since` make it a 304; a read that
+/// would be a 404 ignores them all, and so does a read whose header cannot be read.
+#[tokio::test]
+async fn preconditions_on_reads() {
+    let (app, _db) = spawn_app(&[]).await;
+    let r = app.put_value("r", json!("v")).await;
+    let tag = etag(&r);
+    let modified = r.headers()["last-modified"].to_str().unwrap().to_string();
+    let get = |method: reqwest::Method, key: &str, headers: &[(&str, &str)]| {
+        let mut b = app
+            .client
+            .request(method, app.url(&format!("/v1/keys/{key}")));
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.send()
+    };
+    const EPOCH: &str = "Thu, 01 Jan 1970 00:00:00 GMT";
+    let weak = format!("W/{tag}");
+    let other = "\"other\", ".to_string() + &tag;
+    let cases: &[(&[(&str, &str)], u16)] = &[
+        (&[("if-match", &tag)], 200),
+        (&[("if-match", &other)], 200),
+        (&[("if-match", "*")], 200),
+        (&[("if-match", "\"other\"")], 412),
+        (&[("if-match", &weak)], 412),       // strong comparison
+        (&[("if-match", "not-a-tag")], 200), // unreadable: ignored on a read
+        (&[("if-unmodified-since", &modified)], 200),
+        (&[("if-unmodified-since", EPOCH)], 412),
+        // If-Match present: If-Unmodified-Since is not looked at
+        (&[("if-match", &tag), ("if-unmodified-since", EPOCH)], 200),
+        (&[("if-modified-since", &modified)], 304),
+        (&[("if-modified-since", EPOCH)], 200),
+        (&[("if-modified-since", "Thu Jan  1 00:00:00 1970")], 200), // asctime
+        (&[("if-modified-since", "yesterday")], 200),
+        // If-None-Match present: If-Modified-Since is not looked at
+        (
+            &[
+                ("if-none-match", "\"other\""),
+                ("if-modified-since", &modified),
+            ],
+            200,
+        ),
+        (
+            &[("if-none-match", &tag), ("if-modified-since", EPOCH)],
+            304,
+        ),
+        // a failed If-Match wins over a matching If-None-Match
+        (&[("if-match", "\"other\""), ("if-none-match", &tag)], 412),
+    ];
+    for (headers, want) in cases {
+        let r = get(reqwest::Method::GET, "r", headers).await.unwrap();
+        assert_eq!(r.status(), *want, "GET with {headers:?}");
+        match want {
+            412 => {
+                let p = assert_problem(r, 412, "precondition_failed").await;
+                assert!(p["detail"].as_str().unwrap().contains("\"r\""), "{p}");
+            }
+            304 => {
+                assert_eq!(etag(&r), tag, "{headers:?}");
+                assert!(r.bytes().await.unwrap().is_empty(), "{headers:?}");
+            }
+            _ => assert_eq!(r.json::<serde_json::Value>().await.unwrap()["value"], "v"),
+        }
+        let r = get(reqwest::Method::HEAD, "r", headers).await.unwrap();
+        assert_eq!(r.status(), *want, "HEAD with {headers:?}");
+    }
+    // A read that would be a 404 ignores its preconditions.
+    for headers in [
+        [("if-match", "\"other\"")],
+        [("if-unmodified-since", EPOCH)],
+    ] {
+        let r = get(reqwest::Method::GET, "absent", &headers).await.unwrap();
+        assert_problem(r, 404, "not_found").await;
+    }
+    // Only the entry's current ETag matches after a write.
+    app.put_value("r", json!("w")).await;
+    let r = get(reqwest::Method::GET, "r", &[("if-match", &tag)])
+        .await
+        .unwrap();
+    assert_problem(r, 412, "precondition_failed").await;
+}

@@ -1228,6 +1228,13 @@ def test_headers(verified, data, method, key, auth, cond, rid, junk_headers):
         assert got_rid != rid and re.fullmatch(r"[0-9a-f]{32}", got_rid), (rid, got_rid)
 
     if method == "GET":
+        # RFC 9110 13.2.2 on a read of an existing entry: a readable If-Match that holds no
+        # tag equal to the current ETag (strong comparison) fails it; an unreadable one is
+        # ignored.
+        listed = _etag_list(pre[1]) if pre and pre[1].isascii() else None
+        if pre and pre[0] != "If-None-Match" and rec and listed and not ("*" in listed or cur in listed):
+            assert r.status == 412 and json.loads(r.body)["code"] == "precondition_failed", (pre, r)
+            return
         if pre and pre[0] != "If-Match" and rec and r.status == 304:
             tags = _tags(pre[1]) or []
             assert cur in tags or "*" in tags, (pre, r)
