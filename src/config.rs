@@ -250,7 +250,7 @@ impl Config {
             header_read_timeout: env.duration("KV_HEADER_READ_TIMEOUT", "5s")?,
             idle_timeout: env.duration("KV_IDLE_TIMEOUT", "75s")?,
             max_connections: env.parse("KV_MAX_CONNECTIONS", 4096usize)?,
-            body_memory_bytes: env.parse("KV_BODY_MEMORY_BYTES", 64 * 1024 * 1024usize)?,
+            body_memory_bytes: env.parse("KV_BODY_MEMORY_BYTES", 32 * 1024 * 1024usize)?,
             shutdown_delay: env.duration("KV_SHUTDOWN_DELAY", "5s")?,
             shutdown_timeout: env.duration("KV_SHUTDOWN_TIMEOUT", "20s")?,
             purge_interval: env.duration("KV_PURGE_INTERVAL", "30s")?,
@@ -503,7 +503,7 @@ mod tests {
         assert_eq!(c.cache_ttl, Duration::from_secs(30));
         assert_eq!(c.invalidation_interval, Duration::from_millis(250));
         assert_eq!(c.max_connections, 4096);
-        assert_eq!(c.body_memory_bytes, 64 << 20);
+        assert_eq!(c.body_memory_bytes, 32 << 20);
         assert_eq!(c.idle_timeout, Duration::from_secs(75));
         assert!(!c.auth_enabled());
         assert_eq!(c.database.db_name(), "kvstore");
