@@ -13,6 +13,9 @@
 #
 # Settings (environment): KIND_CLUSTER (kvstore), HTTP_PORT (80), HTTPS_PORT (443): the host
 # ports the ingress is published on; change them if 80/443 are taken on your machine.
+# INGRESS_NGINX_CHART_VERSION (4.13.2), KUBE_PROMETHEUS_STACK_CHART_VERSION (80.4.1): the
+# charts are pinned, so that a re-run months later installs what was tested, not whatever
+# the repositories publish that day (their values below are written for these versions).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,6 +27,8 @@ MON_NS=monitoring
 IMAGE=kvstore:dev
 HTTP_PORT=${HTTP_PORT:-80}
 HTTPS_PORT=${HTTPS_PORT:-443}
+INGRESS_NGINX_CHART_VERSION=${INGRESS_NGINX_CHART_VERSION:-4.13.2}
+KUBE_PROMETHEUS_STACK_CHART_VERSION=${KUBE_PROMETHEUS_STACK_CHART_VERSION:-80.4.1}
 VERSION=$(grep -m1 '^version' Cargo.toml | cut -d'"' -f2)
 REVISION=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
@@ -118,6 +123,7 @@ controller:
     default: true
 EOF
 helm upgrade --install ingress-nginx ingress-nginx/ingress-nginx \
+  --version "$INGRESS_NGINX_CHART_VERSION" \
   --kube-context "$CONTEXT" --namespace ingress-nginx --create-namespace \
   --values "$values_dir/ingress-nginx.yaml" --wait --timeout 10m
 
@@ -154,6 +160,7 @@ kubeProxy:
   enabled: false
 EOF
 helm upgrade --install kube-prometheus-stack prometheus-community/kube-prometheus-stack \
+  --version "$KUBE_PROMETHEUS_STACK_CHART_VERSION" \
   --kube-context "$CONTEXT" --namespace "$MON_NS" --create-namespace \
   --values "$values_dir/kube-prometheus-stack.yaml" --wait --timeout 15m
 

@@ -729,6 +729,11 @@ def test_deploy_scripts_and_recipes():
     logical = deploy.replace("\\\n", " ").splitlines()
     helm_calls = [l for l in logical if l.strip().startswith("helm upgrade")]
     assert len(helm_calls) == 2 and all('--kube-context "$CONTEXT"' in l for l in helm_calls), helm_calls
+    # every chart is pinned to a version (overridable), never "whatever is newest today"
+    for l in helm_calls:
+        m = re.search(r'--version "\$(\w+)"', l)
+        assert m, f"helm chart not pinned: {l}"
+        assert re.search(rf'^{m[1]}=\$\{{{m[1]}:-\d+\.\d+\.\d+\}}$', deploy, re.M), m[1]
     for l in logical:
         if l.strip().startswith("kubectl "):
             assert "--context" in l, l
