@@ -709,7 +709,7 @@ async fn invalidation_loop(state: Arc<State>) {
         }
         for c in &changes {
             if c.id > last {
-                gaps.extend((last + 1..c.id).take(MAX_GAPS).map(|id| (id, now)));
+                note_skipped(&mut gaps, last, c.id, now);
                 last = c.id;
             }
             gaps.retain(|(id, _)| *id != c.id);
@@ -718,10 +718,38 @@ async fn invalidation_loop(state: Arc<State>) {
     }
 }
 
+/// Remembers the ids skipped between `last` and a newly seen `id`, the highest `MAX_GAPS` of
+/// them: those are the ones that may still commit. (After an idle deployment's change log is
+/// purged empty, `last` starts at 0 while ids are in the millions: the lowest ids of such a
+/// range are long gone, and remembering them instead would miss the writes in flight.)
+fn note_skipped(gaps: &mut Vec<(u64, Instant)>, last: u64, id: u64, now: Instant) {
+    let from = (last + 1).max(id.saturating_sub(MAX_GAPS as u64));
+    gaps.extend((from..id).map(|skipped| (skipped, now)));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use hyper::rt::Timer;
+
+    #[test]
+    fn skipped_change_ids_remembered_are_the_highest() {
+        let now = Instant::now();
+        let mut gaps = Vec::new();
+        note_skipped(&mut gaps, 0, 5_000_000, now);
+        assert_eq!(gaps.len(), MAX_GAPS);
+        assert_eq!(gaps.first().unwrap().0, 5_000_000 - MAX_GAPS as u64);
+        assert_eq!(
+            gaps.last().unwrap().0,
+            4_999_999,
+            "the id just below the new one"
+        );
+        let mut gaps = Vec::new();
+        note_skipped(&mut gaps, 10, 14, now);
+        assert_eq!(gaps.iter().map(|g| g.0).collect::<Vec<_>>(), [11, 12, 13]);
+        note_skipped(&mut gaps, 14, 15, now);
+        assert_eq!(gaps.len(), 3, "no id skipped between consecutive ids");
+    }
 
     #[test]
     fn the_open_files_limit_bounds_the_connections() {
