@@ -443,42 +443,56 @@ impl Store {
         .await
     }
 
-    /// Deletes expired entries (in batches) and change-log rows older than `keep_changes`.
+    /// Deletes expired entries and change-log rows older than `keep_changes`, each in
+    /// batches until none is left (at most 100 batches a call), the one whether or not the
+    /// other failed. Returns the expired entries deleted.
     pub async fn purge(&self, keep_changes: Duration) -> Result<u64, DbError> {
-        let mut purged = 0;
+        let now = time::now_micros();
+        let entries = self
+            .delete_in_batches(
+                "DELETE FROM kv_entries WHERE expires_at <= ? LIMIT 1000",
+                now,
+                1000,
+            )
+            .await;
+        // A batch per 10 000 rows: a busy deployment logs more changes per purge interval
+        // than one batch holds (at 10 000 writes/s, 300 000 in 30 s).
+        let changes = self
+            .delete_in_batches(
+                "DELETE FROM kv_changes WHERE changed_at < ? LIMIT 10000",
+                now - keep_changes.as_micros() as i64,
+                10_000,
+            )
+            .await;
+        changes?;
+        entries
+    }
+
+    /// Runs `sql` (a `DELETE … WHERE … < ? LIMIT batch`) with `before` until it deletes fewer
+    /// than `batch` rows, at most 100 times.
+    async fn delete_in_batches(
+        &self,
+        sql: &'static str,
+        before: Micros,
+        batch: u64,
+    ) -> Result<u64, DbError> {
+        let mut deleted = 0;
         for _ in 0..100 {
-            let now = time::now_micros();
             let n = self
                 .db
                 .run("purge", |mut conn: Conn| {
                     Box::pin(async move {
-                        conn.exec_drop(
-                            "DELETE FROM kv_entries WHERE expires_at <= ? LIMIT 1000",
-                            (time::to_sql(now),),
-                        )
-                        .await?;
+                        conn.exec_drop(sql, (time::to_sql(before),)).await?;
                         Ok(conn.affected_rows())
                     })
                 })
                 .await?;
-            purged += n;
-            if n < 1000 {
+            deleted += n;
+            if n < batch {
                 break;
             }
         }
-        let cutoff = time::now_micros() - keep_changes.as_micros() as i64;
-        self.db
-            .run("purge", |mut conn: Conn| {
-                Box::pin(async move {
-                    conn.exec_drop(
-                        "DELETE FROM kv_changes WHERE changed_at < ? LIMIT 10000",
-                        (time::to_sql(cutoff),),
-                    )
-                    .await
-                })
-            })
-            .await?;
-        Ok(purged)
+        Ok(deleted)
     }
 
     /// The newest change-log id (where a new poller starts).

@@ -115,3 +115,42 @@ async fn expired_rows_are_purged_in_the_background() {
         .await
         .contains("kvstore_expired_purged_total 5"));
 }
+
+/// The change log is purged in batches until nothing older than 10 minutes is left, not one
+/// batch of 10 000 rows a purge interval (which a busy deployment outgrows).
+#[tokio::test]
+async fn old_change_log_rows_are_purged_in_batches() {
+    // One purge in the 7 s the test waits (3 were needed, one batch each, before).
+    let (app, db) = spawn_app(&[("KV_PURGE_INTERVAL", "5s")]).await;
+    let mut conn = db.conn().await;
+    // 25 000 rows an hour old, and one recent row that must stay.
+    conn.query_drop(
+        "INSERT INTO kv_changes (k, origin, changed_at) \
+         SELECT 'old', 0, NOW(6) - INTERVAL 1 HOUR FROM \
+         (SELECT 0 UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4) a, \
+         (SELECT 0 UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4) b, \
+         (SELECT 0 UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4) c, \
+         (SELECT 0 UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4) d, \
+         (SELECT 0 UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4) e, \
+         (SELECT 0 UNION ALL SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3) f, \
+         (SELECT 0 UNION ALL SELECT 1) g",
+    )
+    .await
+    .unwrap();
+    app.put_value("recent", json!(1)).await;
+    const OLD: &str = "SELECT COUNT(*) FROM kv_changes WHERE k = 'old'";
+    assert_eq!(conn.query_first::<u64, _>(OLD).await.unwrap(), Some(25_000));
+    let deadline = std::time::Instant::now() + Duration::from_secs(7);
+    while conn.query_first::<u64, _>(OLD).await.unwrap() != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "old change-log rows were not purged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recent: Option<u64> = conn
+        .query_first("SELECT COUNT(*) FROM kv_changes WHERE k = 'recent'")
+        .await
+        .unwrap();
+    assert_eq!(recent, Some(1), "a recent change is kept");
+}
