@@ -367,6 +367,16 @@ pub fn database_config(
     }
     let opts = Opts::from_url(url).map_err(|_| bad())?;
     let db = opts.db_name().unwrap_or_default().to_owned();
+    // The driver takes the path's first segment as the database and ignores the rest, so
+    // `…/kvstore/extra` or `…/kvstore/` would quietly use `kvstore`.
+    let path = url["mysql://".len()..]
+        .split_once('/')
+        .map_or("", |(_, p)| p.split(['?', '#']).next().unwrap_or_default());
+    if !db.is_empty() && path != db {
+        return Err(err(
+            "the path of KV_DATABASE_URL must be one database name, e.g. mysql://user:password@host:3306/kvstore",
+        ));
+    }
     if db.is_empty() {
         return Err(err(
             "KV_DATABASE_URL must name a database, e.g. mysql://user:password@host:3306/kvstore",
@@ -542,6 +552,29 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains('\n'));
+        // A path of more than one segment (the driver would use the first and drop the rest).
+        for url in [
+            "mysql://u:topsecret@h:3306/kvstore/extra",
+            "mysql://u:topsecret@h:3306/kvstore/",
+            "mysql://u:topsecret@h:3306/kvstore/../other",
+        ] {
+            let e = Config::from_vars(&vars(&[("KV_DATABASE_URL", url)]))
+                .unwrap_err()
+                .0;
+            assert!(
+                e.contains("one database name") && !e.contains("topsecret"),
+                "{url}: {e}"
+            );
+        }
+        for url in [
+            "mysql://u:topsecret@h:3306/kvstore",
+            "mysql://u:topsecret@h:3306/kvstore?require_ssl=true",
+        ] {
+            assert!(
+                Config::from_vars(&vars(&[("KV_DATABASE_URL", url)])).is_ok(),
+                "{url}"
+            );
+        }
     }
 
     #[test]

@@ -75,12 +75,17 @@ pub fn statements(sql: &str) -> Vec<String> {
     out
 }
 
+/// The named lock of migrations in database `db`: `kvstore.migrate.<db>`, cut to the 64
+/// characters MySQL allows a lock name (a longer name fails `GET_LOCK`, and the migrations
+/// with it). Databases whose names share their first 48 characters then share the lock, so
+/// their migrations run one after the other, which is harmless.
+fn lock_name(db: &str) -> String {
+    format!("kvstore.migrate.{db}").chars().take(64).collect()
+}
+
 /// Applies the pending migrations; returns the versions applied by this call.
 pub async fn apply(conn: &mut Conn) -> Result<Vec<u32>, mysql_async::Error> {
-    let lock_name = format!(
-        "kvstore.migrate.{}",
-        conn.opts().db_name().unwrap_or_default()
-    );
+    let lock_name = lock_name(conn.opts().db_name().unwrap_or_default());
     let got: Option<Option<i64>> = conn
         .exec_first(
             "SELECT GET_LOCK(?, ?)",
@@ -133,6 +138,15 @@ async fn apply_locked(conn: &mut Conn) -> Result<Vec<u32>, mysql_async::Error> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn lock_names_fit_mysql_limit() {
+        assert_eq!(super::lock_name("kvstore"), "kvstore.migrate.kvstore");
+        let long = "d".repeat(64); // MySQL's longest database name
+        let name = super::lock_name(&long);
+        assert_eq!(name.chars().count(), 64);
+        assert!(name.starts_with("kvstore.migrate.ddd"));
+    }
+
     use super::*;
 
     #[test]
