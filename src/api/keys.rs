@@ -48,6 +48,24 @@ const KEY_PATH: &AsciiSet = &NON_ALPHANUMERIC
 /// `/v1/keys` and `/v1/keys/{key}`, one warp route: a key costs one path match.
 pub async fn dispatch(tail: Tail, req: Req, body: Option<Body>, state: Arc<State>) -> Response {
     let path = tail.as_str();
+    // Until the migrations have run, the schema may be half there (0001 committed, the seed
+    // and the procedures not yet): a write then could take the change-log id the seed
+    // migration inserts, and wedge it for every replica.
+    if !state
+        .health
+        .migrated
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let route = if path.is_empty() {
+            req.route
+        } else {
+            route::KEY
+        };
+        let e = ApiError::Unavailable(
+            "the database schema is not ready yet (migrations pending); retry shortly".into(),
+        );
+        return finish(&state, &req, route, Err(e));
+    }
     if path.is_empty() {
         if req.route == route::KEYS {
             // Boxed, like every path but a key's GET: their state machines are large, and a

@@ -382,6 +382,13 @@ pub fn base_vars(db_url: &str) -> HashMap<String, String> {
 
 /// Starts the service on `db_url` with `extra` settings and waits until it is ready.
 pub async fn spawn_app_on(db_url: &str, extra: &[(&str, &str)]) -> TestApp {
+    let app = spawn_app_unready(db_url, extra).await;
+    wait_ready(&app, Duration::from_secs(20)).await;
+    app
+}
+
+/// The service on `db_url`, serving but perhaps not ready yet.
+pub async fn spawn_app_unready(db_url: &str, extra: &[(&str, &str)]) -> TestApp {
     let mut vars = base_vars(db_url);
     for (k, v) in extra {
         vars.insert(k.to_string(), v.to_string());
@@ -392,7 +399,7 @@ pub async fn spawn_app_on(db_url: &str, extra: &[(&str, &str)]) -> TestApp {
     let running = app::start(config, log.clone(), AccessLog::slog(log))
         .await
         .expect("service starts");
-    let app = TestApp {
+    TestApp {
         base: format!("http://{}", running.http_addr),
         metrics_base: format!("http://{}", running.metrics_addr),
         client: reqwest::Client::builder()
@@ -401,9 +408,7 @@ pub async fn spawn_app_on(db_url: &str, extra: &[(&str, &str)]) -> TestApp {
             .unwrap(),
         running: Some(running),
         logs,
-    };
-    wait_ready(&app, Duration::from_secs(20)).await;
-    app
+    }
 }
 
 pub async fn wait_ready(app: &TestApp, within: Duration) {
