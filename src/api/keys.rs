@@ -322,7 +322,7 @@ fn precondition(req: &Req) -> Result<Precondition, ApiError> {
 }
 
 /// Parses an entity-tag list header (RFC 9110 §8.8.3, §13.1: `*`, or `"a", W/"b"`, commas
-/// allowed inside the quotes), keeping weak markers; `None` if it is not one. Empty list
+/// allowed inside the quotes), keeping weak markers; `None` if it is not one (`*` with tags too). Empty list
 /// elements are skipped, as RFC 9110 §5.6.1 asks of recipients.
 fn etag_list(v: &str) -> Option<Vec<String>> {
     let mut tags = Vec::new();
@@ -345,6 +345,10 @@ fn etag_list(v: &str) -> Option<Vec<String>> {
         if !rest.is_empty() {
             rest = rest.strip_prefix(',')?.trim_start_matches([' ', '\t', ',']);
         }
+    }
+    // `*` stands alone: `"*" / #entity-tag`, not a list holding both.
+    if tags.len() > 1 && tags.iter().any(|t| t == "*") {
+        return None;
     }
     Some(tags)
 }
@@ -919,9 +923,10 @@ mod tests {
     #[test]
     fn etag_lists() {
         assert_eq!(
-            etag_list("\"1\", W/\"2\" ,*").unwrap(),
-            vec!["\"1\"", "W/\"2\"", "*"]
+            etag_list("\"1\", W/\"2\" ,\"3\"").unwrap(),
+            vec!["\"1\"", "W/\"2\"", "\"3\""]
         );
+        assert_eq!(etag_list(" * ").unwrap(), vec!["*"]);
         // Commas inside quotes are part of the tag; empty elements are skipped.
         assert_eq!(
             etag_list(" ,\"a,b\",, \t\"\" ,").unwrap(),
@@ -938,6 +943,9 @@ mod tests {
             "\"a b\"",
             "W/7",
             "*x",
+            "*, \"zzz\"",
+            "\"zzz\", *",
+            "*, *",
         ] {
             assert_eq!(etag_list(bad), None, "{bad}");
         }

@@ -286,7 +286,13 @@ async fn malformed_preconditions_are_refused() {
     let tag = etag(&r);
     let bare = tag.trim_matches('"').to_string();
     for name in ["if-none-match", "if-match"] {
-        for bad in [bare.as_str(), "\"unterminated", "W/", "\"a\" \"b\""] {
+        for bad in [
+            bare.as_str(),
+            "\"unterminated",
+            "W/",
+            "\"a\" \"b\"",
+            "*, \"zzz\"",
+        ] {
             let r = app
                 .client
                 .put(app.url("/v1/keys/m"))

@@ -1147,7 +1147,10 @@ def _etag_list(value: str) -> list[str] | None:
     m = re.fullmatch(r'[ \t,]*((?:\*|(?:W/)?"[\x21\x23-\x7e]*")(?:[ \t]*,[ \t,]*(?:\*|(?:W/)?"[\x21\x23-\x7e]*"))*)?[ \t,]*', value)
     if m is None:
         return None
-    return re.findall(r'\*|(?:W/)?"[\x21\x23-\x7e]*"', value)
+    tags = re.findall(r'\*|(?:W/)?"[\x21\x23-\x7e]*"', value)
+    if len(tags) > 1 and "*" in tags:
+        return None  # "*" / #entity-tag: `*` stands alone
+    return tags
 
 
 def _tags(value: str) -> list[str] | None:
