@@ -12,10 +12,12 @@ pub mod keys;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt as _;
 use warp::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
 use warp::reply::Response;
 use warp::Filter;
@@ -368,23 +370,50 @@ where
         req: std::cell::RefCell::new(Some((head, body))),
     };
     let call = svc.call(req);
-    let mut routed = std::pin::pin!(CTX.scope(ctx, call));
-    // Most requests (cache hits, refusals) are answered by the first poll: they need no timer.
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(routed.as_mut().poll(cx))).await;
-    let answered = match first {
-        std::task::Poll::Ready(r) => Ok(r),
-        std::task::Poll::Pending => tokio::time::timeout(budget, routed).await,
-    };
+    let answered = run_bounded(CTX.scope(ctx, call), budget).await;
+    let id_text = id.to_str().unwrap_or_default();
     let mut resp = match answered {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(never)) => match never {},
+        Ok(Ok(Ok(resp))) => resp,
+        Ok(Ok(Err(never))) => match never {},
+        Ok(Err(panic)) => {
+            let cause = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            slog::error!(state.log, "internal error: a handler panicked"; "request_id" => id_text, "route" => route, "cause" => cause);
+            ApiError::Internal("a handler panicked".into()).into_response(id_text)
+        }
         Err(_) => ApiError::Unavailable("the request took too long; retry shortly".into())
-            .into_response(id.to_str().unwrap_or_default()),
+            .into_response(id_text),
     };
     let elapsed = start.elapsed();
     let status = stamp(&state.access, &mut resp, &id, &verb, route, elapsed);
     state.metrics.observe_http(method, route, status, elapsed);
     resp
+}
+
+/// Runs a request's future for at most `budget` (`Err` past it), catching a panic (`Ok(Err)`).
+/// Most requests (cache hits, refusals) are answered by the first poll: they need no timer.
+/// A panic in a handler (a bug) is then answered with a 500 problem like any internal error,
+/// instead of a connection closed without an answer.
+async fn run_bounded<F: Future>(
+    routed: F,
+    budget: std::time::Duration,
+) -> Result<std::thread::Result<F::Output>, tokio::time::error::Elapsed> {
+    let mut routed = std::pin::pin!(routed);
+    let first = std::future::poll_fn(|cx| {
+        let poll = std::panic::catch_unwind(AssertUnwindSafe(|| routed.as_mut().poll(cx)));
+        std::task::Poll::Ready(poll)
+    })
+    .await;
+    match first {
+        Ok(std::task::Poll::Ready(r)) => Ok(Ok(r)),
+        Ok(std::task::Poll::Pending) => {
+            tokio::time::timeout(budget, AssertUnwindSafe(routed).catch_unwind()).await
+        }
+        Err(panic) => Ok(Err(panic)),
+    }
 }
 
 /// Gives an answered request's response its request id and writes its access line (both
@@ -459,6 +488,28 @@ mod tests {
             assert_eq!(e.code(), "invalid_request", "{q}");
             assert!(e.to_string().contains(why), "{q}: {e}");
         }
+    }
+
+    #[tokio::test]
+    async fn requests_are_bounded_and_their_panics_caught() {
+        let budget = std::time::Duration::from_millis(50);
+        assert_eq!(run_bounded(async { 7 }, budget).await.unwrap().unwrap(), 7);
+        let later = async {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            8
+        };
+        assert_eq!(run_bounded(later, budget).await.unwrap().unwrap(), 8);
+        assert!(run_bounded(std::future::pending::<()>(), budget)
+            .await
+            .is_err());
+        // A panic in the first poll, and in a later one.
+        let now = async { panic!("in the first poll") };
+        assert!(run_bounded(now, budget).await.unwrap().is_err());
+        let after = async {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            panic!("in a later poll")
+        };
+        assert!(run_bounded(after, budget).await.unwrap().is_err());
     }
 
     #[test]

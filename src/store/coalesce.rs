@@ -17,10 +17,12 @@
 //! A caller that gives up (its request timed out) only drops its reply.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, oneshot, Mutex, Notify};
 
 use crate::error::DbError;
@@ -75,9 +77,16 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
                     let (items, replies): (Vec<T>, Vec<_>) =
                         jobs.into_iter().map(|j| (j.item, j.reply)).unzip();
                     let n = items.len();
+                    // A panic in `run` fails its batch, not the worker: a dead worker would
+                    // leave its share of reads and writes queued for ever.
                     let results = {
                         let _in_flight = busy.start();
-                        run(items).await
+                        AssertUnwindSafe(run(items))
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(DbError::Other("a database batch panicked".into()))
+                            })
                     };
                     let results = results.and_then(|results| {
                         if results.len() == n {
@@ -226,6 +235,22 @@ mod tests {
             max_linger: Duration::from_secs(5),
             max_weight: usize::MAX,
             max_wait: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_panics_fails_its_jobs_and_the_workers_go_on() {
+        let c = Coalescer::spawn(
+            limits(1, 1),
+            |_| 1,
+            |items: Vec<u32>| async move {
+                assert!(items != [13], "the test's panic");
+                Ok(items)
+            },
+        );
+        assert!(matches!(c.submit(13).await, Err(DbError::Other(_))));
+        for i in 0..3 {
+            assert_eq!(c.submit(i).await.unwrap(), i, "the one worker still runs");
         }
     }
 
