@@ -315,7 +315,12 @@ impl Cache {
                 }
                 match store.get(key).await {
                     Err(e) => {
-                        self.note_failure();
+                        // Only a database that does not answer makes the loads queued
+                        // behind fail fast; an error of this read alone (a row that does
+                        // not decode, say) is this read's.
+                        if e.is_unavailable() {
+                            self.note_failure();
+                        }
                         *failed_ref = Some(e);
                         Op::Nop
                     }

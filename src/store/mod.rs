@@ -177,7 +177,7 @@ struct Db {
     /// This process's id, written with its changes to the change log; a batched write finds
     /// the rows it locked by it (see `lock_and_log`).
     origin: u64,
-    /// The last timestamp a batched write used (`unique_now`).
+    /// The last change-log timestamp a write of this instance used (`unique_now`).
     batch_clock: AtomicI64,
 }
 
@@ -392,7 +392,9 @@ impl Store {
         self.db
             .run("delete", |conn: Conn| {
                 Box::pin(async move {
-                    let now = time::now_micros();
+                    // Unique among this instance's changes: a batch finds its own change-log rows
+                    // by origin and timestamp (`lock_and_log`).
+                    let now = self.db.unique_now(1);
                     let mut tx = ServerTx::new(conn);
                     let Some(current) = lock_row(&mut tx, key, now).await? else {
                         tx.rollback().await;
@@ -670,7 +672,8 @@ impl Db {
         let origin = self.origin;
         self.run("upsert", |conn: Conn| {
             Box::pin(async move {
-                let now = time::now_micros();
+                // Unique among this instance's changes (see `delete`).
+                let now = self.unique_now(1);
                 let expires_at = expiry(now, ttl_seconds);
                 let mut tx = ServerTx::new(conn);
                 let conditional = *pre != Precondition::NONE;
@@ -765,7 +768,7 @@ impl Db {
         .await
     }
 
-    /// A timestamp no other batch of this instance has had, and the `n - 1` microseconds
+    /// A timestamp no other write of this instance has had, and the `n - 1` microseconds
     /// after it (the clock, or just after the last one handed out).
     fn unique_now(&self, n: usize) -> Micros {
         let now = time::now_micros();
