@@ -43,7 +43,8 @@ pub const REVISION: &str = env!("KVSTORE_BUILD_REVISION");
 /// How long change-log rows are kept (replicas poll far more often than this).
 const KEEP_CHANGES: Duration = Duration::from_secs(600);
 /// A change-log id missing below the newest one seen is re-polled this long (its
-/// transaction may still commit); after that it is taken as rolled back.
+/// transaction may still commit), or four poll intervals if that is longer; after that it is
+/// taken as rolled back. A poll out of action that long clears the cache.
 const GAP_PATIENCE: Duration = Duration::from_secs(15);
 /// Most skipped change-log ids re-polled at once (one SQL parameter each).
 const MAX_GAPS: usize = 10_000;
@@ -683,13 +684,16 @@ async fn invalidation_loop(state: Arc<State>) {
     let mut tick = tokio::time::interval(state.config.invalidation_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut last_ok = Instant::now();
+    // How long skipped ids are watched: at least a few polls, however long the interval.
+    let patience = GAP_PATIENCE.max(state.config.invalidation_interval * 4);
     loop {
         tick.tick().await;
         // Skipped ids are given up after a while, and beyond MAX_GAPS (oldest first), also
         // while polls fail: an auto-increment step above 1 (Galera, group replication) leaves
         // gaps on every write, and an id list without bound would make every poll fail.
         let now = Instant::now();
-        gaps.retain(|(_, seen)| now.duration_since(*seen) < GAP_PATIENCE);
+        gaps.retain(|(_, seen)| now.duration_since(*seen) < patience);
         gaps.drain(..gaps.len().saturating_sub(MAX_GAPS));
         let gap_ids: Vec<u64> = gaps.iter().map(|(id, _)| *id).collect();
         let changes = match state.store.changes_since(last, &gap_ids).await {
@@ -707,6 +711,15 @@ async fn invalidation_loop(state: Arc<State>) {
             info!(state.log, "change-log poll works again");
             failing = false;
         }
+        // A poll that did not work (or run: a frozen process) for longer than skipped ids are
+        // watched cannot tell what it missed: ids that committed late, or rows the purge
+        // trimmed meanwhile. Nothing cached before then is trusted.
+        if now.duration_since(last_ok) >= patience {
+            state.cache.clear();
+            warn!(state.log, "the change-log poll was out of action: cache cleared";
+                "seconds" => now.duration_since(last_ok).as_secs());
+        }
+        last_ok = now;
         for c in &changes {
             if c.id > last {
                 note_skipped(&mut gaps, last, c.id, now);

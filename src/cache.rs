@@ -378,6 +378,11 @@ impl Cache {
             .await;
     }
 
+    /// Drops every entry (the change log could not be followed).
+    pub fn clear(&self) {
+        self.inner.invalidate_all();
+    }
+
     /// Another replica changed `key` at revision `rev`: drop our copy if it is older.
     pub async fn invalidate(&self, key: &str, rev: u64) {
         let r = self

@@ -409,3 +409,45 @@ async fn cache_status_says_stored_only_when_it_was() {
         "kvstore; hit"
     );
 }
+
+/// After the change-log poll was out of action for longer than it watches skipped ids (15 s),
+/// the cache is cleared: what happened meanwhile may no longer be in the log (trimmed by the
+/// purge, here deleted by hand), so a cached entry could otherwise stay stale for the TTL.
+#[tokio::test]
+async fn the_cache_is_cleared_after_the_change_log_poll_was_out_of_action() {
+    use mysql_async::prelude::Queryable;
+    let db = TestDb::new().await;
+    let direct = spawn_app_on(&db.url, &[]).await;
+    let proxy = Proxy::start(db.server_addr()).await;
+    let behind = spawn_app_on(
+        &db.url_via(proxy.addr),
+        &[
+            ("KV_CACHE_TTL", "1h"),
+            ("KV_DB_QUERY_TIMEOUT", "1s"),
+            ("KV_DB_ACQUIRE_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    direct.put_value("k", json!("old")).await;
+    let r = behind.get("/v1/keys/k").await;
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["value"], "old");
+    proxy.set(Mode::Refuse);
+    direct.put_value("k", json!("new")).await;
+    // The change leaves the log before `behind` can poll it.
+    let mut conn = db.conn().await;
+    conn.query_drop("DELETE FROM kv_changes").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    proxy.set(Mode::Pass);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = behind.get("/v1/keys/k").await;
+        if r.status() == 200 && r.json::<serde_json::Value>().await.unwrap()["value"] == "new" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stale entry kept after the poll came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
