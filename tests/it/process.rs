@@ -89,13 +89,10 @@ fn configuration_errors_exit_2_with_one_sentence() {
     }
 }
 
-#[tokio::test]
-async fn migrate_and_import_commands() {
+/// Takes the migration lock of the connection's database, as a replica that is migrating
+/// would; returns its name (for `RELEASE_LOCK`).
+async fn hold_migration_lock(holder: &mut mysql_async::Conn) -> String {
     use mysql_async::prelude::Queryable;
-    let db = TestDb::new().await;
-    // `migrate` waits for the named migration lock: held here, nothing is applied until it
-    // is released.
-    let mut holder = db.conn().await;
     let db_name: String = holder
         .query_first("SELECT DATABASE()")
         .await
@@ -107,6 +104,17 @@ async fn migrate_and_import_commands() {
         .await
         .unwrap();
     assert_eq!(got, Some(1));
+    lock
+}
+
+#[tokio::test]
+async fn migrate_and_import_commands() {
+    use mysql_async::prelude::Queryable;
+    let db = TestDb::new().await;
+    // `migrate` waits for the named migration lock: held here, nothing is applied until it
+    // is released.
+    let mut holder = db.conn().await;
+    let lock = hold_migration_lock(&mut holder).await;
     let mut cmd = Command::new(BIN);
     let mut child = clean_env(&mut cmd)
         .env("KV_DATABASE_URL", &db.url)
@@ -428,17 +436,7 @@ async fn keys_answer_503_until_the_schema_is_migrated() {
     for stmt in statements(MIGRATIONS[0].sql) {
         holder.query_drop(stmt).await.unwrap();
     }
-    let db_name: String = holder
-        .query_first("SELECT DATABASE()")
-        .await
-        .unwrap()
-        .unwrap();
-    let lock = format!("kvstore.migrate.{db_name}");
-    let got: Option<i64> = holder
-        .exec_first("SELECT GET_LOCK(?, 0)", (lock.as_str(),))
-        .await
-        .unwrap();
-    assert_eq!(got, Some(1));
+    let lock = hold_migration_lock(&mut holder).await;
     let app = spawn_app_unready(&db.url, &[]).await;
     let r = app.get("/readyz").await;
     assert_eq!(r.status(), 503);
