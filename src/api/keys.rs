@@ -322,8 +322,9 @@ fn precondition(req: &Req) -> Result<Precondition, ApiError> {
 }
 
 /// Parses an entity-tag list header (RFC 9110 §8.8.3, §13.1: `*`, or `"a", W/"b"`, commas
-/// allowed inside the quotes), keeping weak markers; `None` if it is not one (`*` with tags too). Empty list
-/// elements are skipped, as RFC 9110 §5.6.1 asks of recipients.
+/// allowed inside the quotes), keeping weak markers; `None` if it is not one (`*` together
+/// with tags included). Empty list elements are skipped, as RFC 9110 §5.6.1 asks of
+/// recipients.
 fn etag_list(v: &str) -> Option<Vec<String>> {
     let mut tags = Vec::new();
     let mut rest = v.trim_start_matches([' ', '\t', ',']);
